@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make reproduce` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechun-installed
+OUT ?= runs/reproduce
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test reproduce lint bench clean
+
+setup: $(STAMP)
+
+# A CPU build of torch where there is no GPU (pip takes it from local disk here); the CUDA build otherwise.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q "torch>=2.6"; \
+	else \
+		$(PY) -m pip install -q "torch==2.13.0"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The main job on the embedded model organism; writes $(OUT)/report.html and $(OUT)/results.json.
+reproduce: $(STAMP)
+	$(VENV)/bin/mechun reproduce organism --out $(OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mechun tests analyses benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/cache_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,136 @@
+"""The ``mechun`` command: a thin layer that parses arguments and calls the library.
+
+    mechun organism train --preset tiny|small --seed N --out DIR
+    mechun eval --model DIR [--json]
+    mechun cache --model DIR --prompts FILE [--layers 0,1,2] [--positions last|all] --out F.safetensors
+    mechun reproduce organism --out DIR [--quick] [--seed N]
+
+Progress goes to stderr; with ``--json`` stdout holds exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _cmd_organism_train(args) -> int:
+    from mechun.organism.train import train_organism
+
+    out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress)
+    print(f"saved model organism to {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from mechun.evaluate import evaluate_world
+    from mechun.models import load_model
+    from mechun.organism.world import World
+
+    world = World.load(args.world or args.model)
+    model = load_model(args.model, device=args.device)
+    acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None)
+    if args.json:
+        print(json.dumps({"model": args.model, "accuracy": acc}))
+    else:
+        print(f"{'domain':<10} {'kind':<7} {'train':>6} {'paraphrase':>11} {'mcq':>6}")
+        from mechun.organism.world import DOMAINS
+
+        for domain, a in acc.items():
+            print(f"{domain:<10} {DOMAINS.get(domain, ''):<7} {a['train']:>6.3f} {a['paraphrase']:>11.3f} "
+                  f"{a['mcq']:>6.3f}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from mechun.cache import cache_residuals
+    from mechun.models import load_model
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    model = load_model(args.model, device=args.device)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    cache = cache_residuals(model, prompts, layers=layers, positions=args.positions, batch_size=args.batch_size,
+                            hook=args.hook, progress=not args.no_progress)
+    cache.save(args.out)
+    print(f"cached {tuple(cache.acts.shape)} ({cache.hook_names[0]}..) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from mechun.reproduce import reproduce
+
+    out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed)
+    print(f"wrote {out / 'report.html'} and {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mechun", description="Mechanistic study of unlearning and editing in LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    org = sub.add_parser("organism", help="train a model organism on a synthetic knowledge world")
+    org_sub = org.add_subparsers(dest="organism_command", required=True)
+    tr = org_sub.add_parser("train", help="train and save an organism checkpoint dir (config, weights, world.json)")
+    tr.add_argument("--preset", choices=["tiny", "small"], default="small",
+                    help="tiny: seconds, for tests; small: about a minute, the main job")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True, help="new checkpoint directory")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_cmd_organism_train)
+
+    ev = sub.add_parser("eval", help="accuracy per domain and format (train templates, paraphrases, MCQ)")
+    ev.add_argument("--model", required=True, help="organism checkpoint dir")
+    ev.add_argument("--world", help="world.json (default: the one in --model)")
+    ev.add_argument("--domains", help="comma-separated domains (default: all)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_cmd_eval)
+
+    ca = sub.add_parser("cache", help="cache residual streams of prompts (one per line) to a safetensors file")
+    ca.add_argument("--model", required=True)
+    ca.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    ca.add_argument("--layers", help="comma-separated layers (default: all)")
+    ca.add_argument("--positions", default="last", choices=["last", "all"])
+    ca.add_argument("--hook", default="resid_post", choices=["resid_pre", "resid_mid", "resid_post", "mlp_out",
+                                                            "attn_out"])
+    ca.add_argument("--batch-size", type=int, default=32)
+    ca.add_argument("--device", default=None)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--no-progress", action="store_true")
+    ca.set_defaults(func=_cmd_cache)
+
+    rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
+    rp.add_argument("analysis", choices=["organism"], help="organism: train the small organism and evaluate it")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=_cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    from mechun.errors import MechunError
+
+    try:
+        return args.func(args)
+    except (MechunError, FileNotFoundError, FileExistsError) as e:
+        print(f"mechun: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Scoped forward hooks on TransformerLens hook points.
+
+Hooks are global state on the model. :func:`hooks` registers plain torch forward hooks on the bridge's hook points
+(``blocks.{l}.hook_resid_post`` ...) and removes exactly the handles it created in ``finally``, so an exception in
+the body, in a hook, or halfway through registration never leaves a hook behind, and nested contexts compose. A
+hook function takes the activation and returns a replacement or ``None`` (keep it).
+
+Plain torch hooks on the hook-point modules cost less per forward than ``model.hooks()`` (which rebuilds an alias
+map on every entry); they fire in every forward of the bridge, including TransformerLens' own ``run_with_cache``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor
+
+from mechun.models import hook_point
+
+HookFn = Callable[[Tensor], Tensor | None]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once everything needed has been read."""
+
+
+def _adapt(fn: HookFn):
+    def torch_hook(module, args, output):
+        return fn(output)
+
+    return torch_hook
+
+
+@contextmanager
+def hooks(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+    """``with hooks(model, [("blocks.2.hook_resid_post", fn)]): model(tokens)``."""
+    handles = []
+    try:
+        for name, fn in fwd_hooks:
+            handles.append(hook_point(model, name).register_forward_hook(_adapt(fn)))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def count_hooks(model: Any) -> int:
+    """Number of torch hooks registered anywhere in the model (for leak checks)."""
+    seen, n = set(), 0
+    for m in model.modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        n += len(getattr(m, "_backward_pre_hooks", {}))
+    return n

@@ -1,0 +1,190 @@
+"""Interventions on the residual stream, as context managers: project a direction out, or add one.
+
+Directional ablation is the tool behind the RMU "junk direction" diagnosis (and refusal-direction work before it):
+if unlearning works by pushing forget-domain activations along one direction, removing the component of every
+activation along that direction should undo it. For a unit vector d, ablation maps ``x -> x - (x . d) d``; for
+several directions it removes their span. Addition maps ``x -> x + coeff * v`` (the vector as given, not
+normalised, so a steering vector ``c * u`` can be added exactly).
+
+Both validate the direction against the model (``d_model``, finite, non-zero, and -- when it is a
+:class:`Direction` that records a fingerprint -- computed on this model), cast it to each activation's dtype and
+device, and remove their hooks in ``finally``. Nothing here touches the weights.
+
+``layers`` defaults to every layer; ``positions`` to every token (``None``), or an int / list of ints / slice of
+the padded sequence, or a boolean ``batch pos`` mask.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mechun.errors import MechunError
+from mechun.hooks import hooks
+from mechun.models import check_layer, check_same_model, d_model, hook_name, n_layers
+
+
+@dataclass
+class Direction:
+    """A direction in the residual stream, with where it came from (``fingerprint`` of the model it was computed on)."""
+
+    vector: Float[Tensor, "*k d_model"]
+    fingerprint: str | None = None
+    layer: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        header = {"fingerprint": self.fingerprint, "layer": self.layer, "meta": self.meta}
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            save_file({"vector": self.vector.detach().cpu().contiguous()}, tmp,
+                      metadata={"mechun.Direction": json.dumps(header)})
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("mechun.Direction")
+        if raw is None:
+            raise MechunError(f"{path} is not a mechun Direction file")
+        h = json.loads(raw)
+        return cls(load_file(str(path))["vector"], h["fingerprint"], h["layer"], h["meta"])
+
+
+DirectionLike = Tensor | Direction
+
+
+def _validate(model: Any, direction: DirectionLike, what: str) -> Tensor:
+    if isinstance(direction, Direction):
+        check_same_model(model, direction.fingerprint, what)
+        vec = direction.vector
+    elif isinstance(direction, Tensor):
+        vec = direction
+    else:
+        raise TypeError(f"{what} must be a torch.Tensor or mechun.Direction, got {type(direction).__name__}")
+    vec = vec.detach()
+    if vec.ndim not in (1, 2) or vec.shape[-1] != d_model(model):
+        raise MechunError(
+            f"{what} has shape {tuple(vec.shape)} but the model has d_model={d_model(model)}; "
+            "was it computed on another model?"
+        )
+    if not torch.isfinite(vec).all():
+        raise MechunError(f"{what} contains NaN or inf; recompute it (check for empty or degenerate inputs)")
+    norms = vec.float().reshape(-1, vec.shape[-1]).norm(dim=-1)
+    if bool((norms == 0).any()):
+        raise MechunError(f"{what} is the zero vector; there is nothing to project out or add")
+    return vec
+
+
+def _per_layer(model: Any, directions, layers) -> dict[int, Tensor]:
+    if isinstance(directions, Mapping):
+        if layers is not None:
+            raise MechunError("pass per-layer directions as a dict *or* layers=, not both")
+        return {check_layer(model, int(k)): _validate(model, v, f"direction for layer {k}")
+                for k, v in directions.items()}
+    vec = _validate(model, directions, "direction")
+    if layers is None:
+        layers = range(n_layers(model))
+    elif isinstance(layers, int):
+        layers = [layers]
+    if len(layers) == 0:
+        raise MechunError("layers is empty; pass None for every layer")
+    return {check_layer(model, int(layer)): vec for layer in layers}
+
+
+def _position_selector(positions, act: Tensor):
+    if positions is None:
+        return slice(None)
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        if positions.shape[0] != act.shape[0] or positions.shape[1] < act.shape[1]:
+            raise MechunError(f"positions mask has shape {tuple(positions.shape)}, activation {tuple(act.shape[:2])}")
+        return positions[:, : act.shape[1]].to(act.device)
+    if isinstance(positions, int | slice):
+        return (slice(None), positions)
+    if isinstance(positions, Sequence):
+        return (slice(None), list(positions))
+    raise MechunError(f"positions must be None, an int, a list of ints, a slice or a bool mask; got {positions!r}")
+
+
+def _basis(vec: Tensor) -> Tensor:
+    """Orthonormal rows spanning the direction(s), in float32."""
+    v = vec.float().reshape(-1, vec.shape[-1])
+    if v.shape[0] == 1:
+        return v / v.norm()
+    q, r = torch.linalg.qr(v.T)
+    keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
+    return q.T[keep]
+
+
+def ablate(act: Tensor, basis: Tensor) -> Tensor:
+    """``act`` with its component in the span of the orthonormal rows of ``basis`` removed."""
+    b = basis.to(device=act.device, dtype=act.dtype)
+    return act - (act @ b.T) @ b
+
+
+@contextmanager
+def project_out(
+    model: Any,
+    directions: DirectionLike | Mapping[int, DirectionLike],
+    layers: Sequence[int] | int | None = None,
+    positions: Any = None,
+    hook: str = "resid_post",
+) -> Iterator[None]:
+    """Within the block, remove ``directions`` (one vector, ``k d_model`` vectors, or ``{layer: vector}``) from
+    the residual stream (``hook``) at ``layers`` and ``positions``."""
+    per_layer = {layer: _basis(v) for layer, v in _per_layer(model, directions, layers).items()}
+
+    def make(basis: Tensor):
+        def fn(act: Tensor) -> Tensor:
+            sel = _position_selector(positions, act)
+            out = act.clone()
+            out[sel] = ablate(act[sel], basis)
+            return out
+        return fn
+
+    with hooks(model, [(hook_name(model, hook, layer), make(b)) for layer, b in per_layer.items()]):
+        yield
+
+
+@contextmanager
+def add_direction(
+    model: Any,
+    direction: DirectionLike | Mapping[int, DirectionLike],
+    coeff: float = 1.0,
+    layers: Sequence[int] | int | None = None,
+    positions: Any = None,
+    hook: str = "resid_post",
+) -> Iterator[None]:
+    """Within the block, add ``coeff * direction`` to the residual stream at ``layers`` and ``positions``."""
+    if not isinstance(coeff, int | float) or not torch.isfinite(torch.tensor(float(coeff))):
+        raise MechunError(f"coeff must be a finite number, got {coeff!r}")
+    per_layer = _per_layer(model, direction, layers)
+    for layer, v in per_layer.items():
+        if v.ndim != 1:
+            raise MechunError(f"add_direction takes one vector per layer; layer {layer} got shape {tuple(v.shape)}")
+
+    def make(vec: Tensor):
+        def fn(act: Tensor) -> Tensor:
+            sel = _position_selector(positions, act)
+            out = act.clone()
+            out[sel] = act[sel] + coeff * vec.to(device=act.device, dtype=act.dtype)
+            return out
+        return fn
+
+    with hooks(model, [(hook_name(model, hook, layer), make(v)) for layer, v in per_layer.items()]):
+        yield

@@ -1,0 +1,298 @@
+"""Loading, saving and fingerprinting models: the one module that knows TransformerLens' loading API.
+
+mechun works on TransformerLens' ``TransformerBridge``: a wrapper that keeps the Hugging Face model's own forward
+(so activations match ``transformers`` to float precision) and exposes TransformerLens hook points with the usual
+vocabulary (``blocks.{l}.hook_resid_post``, ``blocks.{l}.hook_mlp_out`` ...). A real checkpoint from the hub
+(``gpt2``, ``google/gemma-2-2b``, ``HuggingFaceH4/zephyr-7b-beta``) and a local ``save_pretrained`` directory -- such
+as the model organism mechun trains itself -- go through the same path, :func:`load_model`.
+
+Everything else in mechun asks this module for hook points (:func:`hook_point`), shapes (:func:`n_layers`,
+:func:`d_model`), tokenisation (:func:`tokenize`) and identity (:func:`model_fingerprint`), so that a move to another
+TransformerLens API stays local to this file.
+
+The fingerprint is a hash of the architecture and of every weight. Artifacts (caches, directions) record it, and
+functions that take an artifact and a model refuse a pair whose fingerprints differ: a junk direction computed on
+one model says nothing about another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from mechun.errors import MechunError, ModelMismatchError
+
+#: Architectures whose loading (and hook-point equivalence with Hugging Face hidden states) the tests check.
+TESTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
+
+# Short names for the hook points mechun uses most; any exact hook name of the bridge is accepted too.
+_SHORT_HOOKS = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+}
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") != 1
+
+
+def _resolve_source(path_or_name: str | os.PathLike) -> str:
+    """A local checkpoint dir (validated) or a hub name, passed through for online users."""
+    s = str(path_or_name)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MechunError(f"{s} is a file; pass the checkpoint *directory* written by save_pretrained")
+        if not (p / "config.json").is_file():
+            raise MechunError(
+                f"{s} has no config.json: it is not a Hugging Face checkpoint dir. Train one with "
+                "`mechun organism train --out DIR` or save one with `mechun.save_model(model, DIR)`."
+            )
+        return str(p.resolve())
+    if _looks_like_path(s):
+        raise FileNotFoundError(f"no checkpoint directory at {s}; check the path (a hub name has the form org/name)")
+    return s
+
+
+def load_model(
+    path_or_name: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Any:
+    """Load a local Hugging Face checkpoint dir or a hub name as a TransformerLens ``TransformerBridge``.
+
+    The returned model carries its tokenizer (``model.tokenizer``) and is in eval mode. Weights are exactly the
+    checkpoint's (no LayerNorm folding), so ``blocks.{l}.hook_resid_post`` equals Hugging Face's
+    ``hidden_states[l + 1]``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve_source(path_or_name)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.float32
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+    except OSError as e:  # hub name offline, or a malformed dir
+        raise MechunError(
+            f"could not load {source!r}: {e}. Offline, pass a local checkpoint dir; online, check the hub name."
+        ) from e
+    if tokenizer.pad_token is None:  # gpt2, llama: pad with eos; mechun always passes an attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    hf_model.to(device)
+    bridge = TransformerBridge.boot_transformers(
+        source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.eval()
+    _SOURCES[bridge] = source
+    return bridge
+
+
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_source(model: Any) -> str | None:
+    """The path or hub name a model was loaded from, if it came through :func:`load_model`."""
+    return _SOURCES.get(model)
+
+
+def hf_model(model: Any) -> nn.Module:
+    """The Hugging Face model underneath a bridge (its module tree is wrapped by the bridge's components)."""
+    return model.original_model
+
+
+def hf_config(model: Any) -> Any:
+    return hf_model(model).config
+
+
+def n_layers(model: Any) -> int:
+    return int(model.cfg.n_layers)
+
+
+def d_model(model: Any) -> int:
+    return int(model.cfg.d_model)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _clean_state_dict(model: Any) -> dict[str, Tensor]:
+    """The Hugging Face state dict, keys as ``save_pretrained`` writes them, without bridge-only tensors."""
+    hf = hf_model(model)
+    out: dict[str, Tensor] = {}
+    for key, value in hf.state_dict().items():
+        clean = key.replace("_original_component.", "")
+        out.setdefault(clean, value)
+    return out
+
+
+def _hf_state_keys(model: Any) -> list[str]:
+    """Keys of an unwrapped Hugging Face model of the same config (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(hf_config(model))
+    return list(fresh.state_dict().keys())
+
+
+def hf_state_dict(model: Any) -> dict[str, Tensor]:
+    """Exactly the tensors a Hugging Face checkpoint of this model holds, under their Hugging Face names."""
+    wrapped = _clean_state_dict(model)
+    keys = _hf_state_keys(model)
+    missing = [k for k in keys if k not in wrapped]
+    if missing:
+        raise MechunError(f"cannot map the bridge back to Hugging Face weights; missing {missing[:5]}")
+    return {k: wrapped[k] for k in keys}
+
+
+def save_model(model: Any, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> Path:
+    """Save a bridge as a local Hugging Face checkpoint dir (config, safetensors, tokenizer) that
+    :func:`load_model` reads back. Written to a temporary sibling and renamed, so a failure leaves nothing behind.
+    ``extra_files`` maps file names to JSON-serialisable objects written beside the weights."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(hf_config(model))
+        fresh.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True, assign=True)
+        fresh.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint
+# ---------------------------------------------------------------------------------------------------------------
+_FP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of the architecture and every weight. Recomputed only after a weight changes in place."""
+    state = hf_state_dict(model)
+    versions = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
+    cached = _FP_CACHE.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    cfg = hf_config(model)
+    h = hashlib.blake2b(digest_size=12)
+    arch = {"architectures": cfg.architectures, "n_layers": n_layers(model), "d_model": d_model(model)}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for key in sorted(state):
+        t = state[key].detach()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    fp = h.hexdigest()
+    _FP_CACHE[model] = (versions, fp)
+    return fp
+
+
+def check_same_model(model: Any, fingerprint: str | None, what: str) -> None:
+    """Refuse an artifact (cache, direction) that was computed on another model."""
+    if fingerprint is None:
+        return
+    mine = model_fingerprint(model)
+    if fingerprint != mine:
+        raise ModelMismatchError(
+            f"{what} was computed on model {fingerprint} but this model is {mine}; recompute it on this model "
+            "(or load the model it came from)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hook points and layers
+# ---------------------------------------------------------------------------------------------------------------
+def check_layer(model: Any, layer: int) -> int:
+    n = n_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int | torch.SymInt) and not hasattr(layer, "__index__"):
+        raise TypeError(f"layer must be an int, got {layer!r}")
+    layer = int(layer)
+    if not -n <= layer < n:
+        raise MechunError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    return layer % n
+
+
+def hook_name(model: Any, kind: str, layer: int) -> str:
+    """``hook_name(model, "resid_post", 3) == "blocks.3.hook_resid_post"``, with the layer checked."""
+    if kind not in _SHORT_HOOKS:
+        raise MechunError(f"unknown hook kind {kind!r}; use one of {sorted(_SHORT_HOOKS)} or a full hook name")
+    return _SHORT_HOOKS[kind].format(layer=check_layer(model, layer))
+
+
+def hook_point(model: Any, name: str) -> nn.Module:
+    """The TransformerLens hook point (an ``nn.Module``) for a hook name, aliases included."""
+    point = model.get_hook_point(name) if isinstance(name, str) else None
+    if point is None:
+        known = list(model.hook_dict) + [
+            v.format(layer=l) for l in range(n_layers(model)) for v in _SHORT_HOOKS.values()
+        ]
+        guess = get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else "; see model.hook_dict for the names"
+        parts = str(name).split(".")
+        if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+            check_layer(model, int(parts[1]))
+        raise MechunError(f"unknown hook {name!r}{hint}")
+    return point
+
+
+def hook_layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenisation
+# ---------------------------------------------------------------------------------------------------------------
+def tokenize(model: Any, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-padded token ids and attention mask, with the tokenizer's own special tokens (BOS for Llama/Gemma,
+    none for GPT-2 and the organism).
+
+    Right padding keeps absolute and rotary positions of real tokens unchanged; mechun always passes the mask and
+    reads "last" positions from it.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise MechunError("empty prompt list: pass at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise MechunError(f"prompt {bad[0]} is empty or not a string: {prompts[bad[0]]!r}")
+    tok = model.tokenizer
+    enc = tok(list(prompts), return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if int(mask.sum(1).min()) == 0:
+        raise MechunError("a prompt tokenised to zero tokens")
+    return ids, mask

@@ -1,0 +1,159 @@
+"""Train a model organism: a small GPT-2 that learns a synthetic knowledge world, saved as a local HF checkpoint.
+
+The organism is trained with the ordinary causal language-modelling loss on every sentence of the world (the
+training templates, multiple-choice questions in a few option orders, filler text). Held-out paraphrase templates
+and fresh option orders are never seen, so the evaluation says how far the knowledge generalises beyond the
+trained formats. The checkpoint dir is what a real user would have for ``gpt2``: ``config.json``,
+``model.safetensors`` and tokenizer files, plus ``world.json`` (the facts) and ``training.json`` (how it was made).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mechun.errors import MechunError
+from mechun.organism.tokenizer import build_tokenizer
+from mechun.organism.world import World
+
+
+@dataclass(frozen=True)
+class Preset:
+    subjects_per_domain: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    mcq_per_fact: int = 2
+    n_filler: int = 200
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests: a few seconds on 2 cores.
+    "tiny": Preset(subjects_per_domain=8, n_layer=3, d_model=64, n_head=4, steps=400, mcq_per_fact=2, n_filler=100),
+    # The main job: about a minute on 2 cores.
+    "small": Preset(subjects_per_domain=16, n_layer=6, d_model=96, n_head=4, steps=600, mcq_per_fact=2),
+}
+
+
+def _batches(ids: torch.Tensor, batch_size: int, steps: int, gen: torch.Generator):
+    n = ids.shape[0]
+    order = torch.randperm(n, generator=gen)
+    i = 0
+    for _ in range(steps):
+        if i + batch_size > n:
+            order, i = torch.randperm(n, generator=gen), 0
+        yield ids[order[i:i + batch_size]]
+        i += batch_size
+
+
+def train_organism(
+    out_dir: str | Path,
+    preset: str | Preset = "tiny",
+    seed: int = 0,
+    progress: bool = True,
+    steps: int | None = None,
+) -> Path:
+    """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir``.
+
+    Deterministic on CPU: the same preset and seed give the same weights.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise MechunError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        name, preset = preset, PRESETS[preset]
+    else:
+        name = "custom"
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+    steps = steps if steps is not None else preset.steps
+
+    torch.manual_seed(seed)
+    world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
+    tokenizer = build_tokenizer(world.vocabulary())
+    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    if (ids == tokenizer.unk_token_id).any():
+        raise MechunError("the world produced words outside its own vocabulary (a bug in the world generator)")
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    data = torch.stack([ids, labels], 1)
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=max(64, ids.shape[1] * 2), n_embd=preset.d_model,
+        n_layer=preset.n_layer, n_head=preset.n_head, n_inner=4 * preset.d_model,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    t0 = time.time()
+    bar = tqdm(total=steps, desc=f"training organism ({name}, seed {seed})", disable=not progress)
+    for step, batch in enumerate(_batches(data, preset.batch_size, steps, gen)):
+        x, y = batch[:, 0], batch[:, 1]
+        width = int((y != -100).sum(1).max())
+        loss = model(input_ids=x[:, :width], labels=y[:, :width]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
+    model.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        world.save(tmp / "world.json")
+        info = {"preset": name, "config": asdict(preset), "seed": seed, "steps": steps,
+                "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
+                "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
+        (tmp / "training.json").write_text(json.dumps(info, indent=1))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, progress: bool = True) -> Path:
+    """Reuse the organism at ``out_dir`` if it was trained with this preset and seed, else train it there."""
+    out = Path(out_dir)
+    info = out / "training.json"
+    if info.is_file():
+        made = json.loads(info.read_text())
+        if made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset]):
+            return out
+        raise FileExistsError(
+            f"{out} holds an organism trained with preset={made.get('preset')} seed={made.get('seed')}; "
+            f"remove it or choose another --out"
+        )
+    return train_organism(out, preset=preset, seed=seed, progress=progress)

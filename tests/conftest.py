@@ -1,0 +1,68 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_SEED = 123
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed ``mechun`` command as a user would."""
+    exe = Path(sys.executable).parent / "mechun"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mechun.cli"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True,
+                          env={**os.environ}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mechun {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_organism_dir(tmp_path_factory) -> Path:
+    """The tiny organism, trained once per session through the CLI (the acceptance command)."""
+    out = tmp_path_factory.mktemp("organism") / "tiny"
+    run_cli("organism", "train", "--preset", "tiny", "--seed", str(TINY_SEED), "--out", str(out), "--no-progress")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_organism_dir):
+    from mechun import load_model
+
+    return load_model(tiny_organism_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_organism_dir):
+    from mechun import World
+
+    return World.load(tiny_organism_dir)
+
+
+def weights_hash(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def warm(model) -> None:
+    """One forward so the bridge registers its own internal hooks before hooks are counted."""
+    model(torch.tensor([[1, 2, 3]]))
