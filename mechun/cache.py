@@ -31,11 +31,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
-from mechun.hooks import StopForward, hooks
+from mechun.hooks import FAST_KINDS, StopForward, bare_layer_hooks, hooks
 from mechun.models import (
     check_layer,
     check_same_model,
     hook_name,
+    hook_points_in_use,
     model_device,
     model_fingerprint,
     n_layers,
@@ -217,10 +218,18 @@ def cache_residuals(
                 raise StopForward
         return fn
 
-    fwd = [(name, make_hook(i, i == len(layers) - 1)) for i, name in enumerate(names)]
+    fns = [make_hook(i, i == len(layers) - 1) for i in range(len(layers))]
+    # Fast path: with no hook on any hook point (no intervention active), run the unwrapped HF model with hooks on
+    # its decoder layers -- the cost of a plain transformers forward. Otherwise run the bridge, so that every
+    # active hook (project_out, add_direction, the user's own) shapes what is cached.
+    if hook in FAST_KINDS and not hook_points_in_use(model):
+        scope = bare_layer_hooks(model, [(layer, hook, fn) for layer, fn in zip(layers, fns, strict=True)])
+    else:
+        scope = hooks(model, list(zip(names, fns, strict=True)))
     batches = range(0, n_total, batch_size)
     sel_start = 0
-    with hooks(model, fwd):
+    with scope as bare:
+        forward = bare if bare is not None else model
         for start in tqdm(batches, desc="caching residuals", disable=not progress or len(batches) < 2):
             rows = torch.arange(start, min(start + batch_size, n_total))
             b_mask = mask[rows]
@@ -234,7 +243,11 @@ def cache_residuals(
             elif pos_idx is not None:
                 state["pos"] = pos_idx[rows].to(dev)
             try:
-                model(ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev))
+                if bare is not None:
+                    forward(input_ids=ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev),
+                            use_cache=False)
+                else:
+                    forward(ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev))
             except StopForward:
                 pass
     if desc not in ("all", "mask"):

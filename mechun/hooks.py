@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mechun.models import hook_point
+from mechun.models import bare_forward_view, hook_point, layer_output
 
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -47,12 +47,58 @@ def hooks(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]
 
 
 def count_hooks(model: Any) -> int:
-    """Number of torch hooks registered anywhere in the model (for leak checks)."""
+    """Number of torch hooks registered anywhere in the model or its unwrapped HF view (for leak checks)."""
+    import itertools
+
     seen, n = set(), 0
-    for m in model.modules():
+    for m in itertools.chain(model.modules(), bare_forward_view(model)[0].modules()):
         if id(m) in seen:
             continue
         seen.add(id(m))
         n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         n += len(getattr(m, "_backward_pre_hooks", {}))
     return n
+
+
+FAST_KINDS = ("resid_pre", "resid_post")
+
+
+@contextmanager
+def bare_layer_hooks(model: Any, layer_hooks: Sequence[tuple[int, str, HookFn]]) -> Iterator[Any]:
+    """Hooks on the decoder layers of the bridge's unwrapped HF model; yields that model to run forwards on.
+
+    Only ``resid_pre`` (a layer's input) and ``resid_post`` (its output) are supported: they are the same
+    tensors as ``blocks.{l}.hook_resid_pre/post`` in every architecture. Used by the caching fast path.
+    """
+    bare, layers = bare_forward_view(model)
+    handles = []
+
+    def post(fn):
+        def hook(module, args, output):
+            new = fn(layer_output(output))
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def pre(fn):
+        def hook(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        return hook
+
+    try:
+        for layer, kind, fn in layer_hooks:
+            if kind == "resid_post":
+                handles.append(layers[layer].register_forward_hook(post(fn)))
+            elif kind == "resid_pre":
+                handles.append(layers[layer].register_forward_pre_hook(pre(fn), with_kwargs=True))
+            else:
+                raise ValueError(f"bare_layer_hooks supports {FAST_KINDS}, not {kind!r}")
+        yield bare
+    finally:
+        for h in reversed(handles):
+            h.remove()

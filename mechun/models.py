@@ -17,6 +17,7 @@ one model says nothing about another.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -145,13 +146,18 @@ def _clean_state_dict(model: Any) -> dict[str, Tensor]:
     return out
 
 
+_KEYS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _hf_state_keys(model: Any) -> list[str]:
-    """Keys of an unwrapped Hugging Face model of the same config (built on the meta device: no memory)."""
+    """Keys of an unwrapped Hugging Face model of the same config (built once, on the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(hf_config(model))
-    return list(fresh.state_dict().keys())
+    if model not in _KEYS_CACHE:
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(hf_config(model))
+        _KEYS_CACHE[model] = list(fresh.state_dict().keys())
+    return _KEYS_CACHE[model]
 
 
 def hf_state_dict(model: Any) -> dict[str, Tensor]:
@@ -199,9 +205,19 @@ def save_model(model: Any, out_dir: str | os.PathLike, extra_files: dict[str, An
 _FP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_STATE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: Any) -> str:
-    """A short hash of the architecture and every weight. Recomputed only after a weight changes in place."""
-    state = hf_state_dict(model)
+    """A short hash of the architecture and every weight.
+
+    Cheap to call repeatedly: the hash is recomputed only after a weight tensor changes in place (optimiser steps,
+    ``load_state_dict``, ``copy_``), detected through the tensors' version counters. Replacing a parameter *object*
+    is not seen; call :func:`forget_fingerprint` after doing that.
+    """
+    if model not in _STATE_CACHE:
+        _STATE_CACHE[model] = hf_state_dict(model)
+    state = _STATE_CACHE[model]
     versions = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
     cached = _FP_CACHE.get(model)
     if cached is not None and cached[0] == versions:
@@ -218,6 +234,11 @@ def model_fingerprint(model: Any) -> str:
     fp = h.hexdigest()
     _FP_CACHE[model] = (versions, fp)
     return fp
+
+
+def forget_fingerprint(model: Any) -> None:
+    _STATE_CACHE.pop(model, None)
+    _FP_CACHE.pop(model, None)
 
 
 def check_same_model(model: Any, fingerprint: str | None, what: str) -> None:
@@ -257,7 +278,7 @@ def hook_point(model: Any, name: str) -> nn.Module:
     point = model.get_hook_point(name) if isinstance(name, str) else None
     if point is None:
         known = list(model.hook_dict) + [
-            v.format(layer=l) for l in range(n_layers(model)) for v in _SHORT_HOOKS.values()
+            v.format(layer=i) for i in range(n_layers(model)) for v in _SHORT_HOOKS.values()
         ]
         guess = get_close_matches(str(name), known, n=1)
         hint = f"; did you mean {guess[0]!r}?" if guess else "; see model.hook_dict for the names"
@@ -296,3 +317,70 @@ def tokenize(model: Any, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"], 
     if int(mask.sum(1).min()) == 0:
         raise MechunError("a prompt tokenised to zero tokens")
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bare Hugging Face forward (fast path for caching)
+# ---------------------------------------------------------------------------------------------------------------
+_BARE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_bridge(module: nn.Module) -> bool:
+    return "_original_component" in module._modules
+
+
+def _unwrap(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    """A view of ``module`` with every bridge component replaced by the HF module it wraps. Modules whose subtree
+    holds no bridge are reused as they are; the others are shallow copies without hooks. Parameters are shared."""
+    original = module
+    while _is_bridge(module):
+        module = module._modules["_original_component"]
+    if id(module) in memo:
+        return memo[id(module)]
+    children = {k: (_unwrap(c, memo) if c is not None else None) for k, c in module._modules.items()}
+    if all(children[k] is module._modules[k] for k in children) and not _has_hooks(module):
+        out = module
+    else:
+        out = copy.copy(module)
+        out.__dict__ = dict(module.__dict__)
+        out._modules = children
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks"):
+            if hasattr(module, attr):
+                setattr(out, attr, type(getattr(module, attr))())
+    memo[id(module)] = out
+    memo[id(original)] = out
+    return out
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def bare_forward_view(model: Any) -> tuple[nn.Module, list[nn.Module]]:
+    """The HF model without the bridge's wrappers (sharing every weight), and its decoder layers in order.
+
+    A forward through it costs what a plain ``transformers`` forward costs; TransformerLens hook points do not
+    fire in it, so callers use it only when no hook point has a hook (see :func:`hook_points_in_use`).
+    """
+    if model not in _BARE:
+        memo: dict[int, nn.Module] = {}
+        bare = _unwrap(hf_model(model), memo)
+        layers = [memo[id(block._modules["_original_component"])] for block in model.blocks]
+        shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        if any(p.untyped_storage().data_ptr() not in shared for p in bare.parameters()):
+            raise MechunError("the unwrapped model does not share weights with the bridge; use the bridge path")
+        _BARE[model] = (bare, layers)
+    return _BARE[model]
+
+
+def hook_points_in_use(model: Any) -> bool:
+    """Whether any TransformerLens hook point currently has a hook (ours or the user's)."""
+    return any(_has_hooks(point) for point in model.hook_dict.values())
+
+
+def layer_output(output: Any) -> Tensor:
+    """The hidden states of a decoder layer's output (a tensor, or a tuple whose first item is one)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -1,11 +1,13 @@
 """Residual caching: equals TransformerLens' own cache, keeps only what was asked, stops early, and is safe."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import warm, weights_hash
 
 import mechun
-from mechun import ResidualCache, cache_residuals
+from mechun import ResidualCache, cache_residuals, hooks
 from mechun.errors import MechunError, ModelMismatchError
 
 
@@ -58,19 +60,39 @@ def test_all_int_and_mask_positions(tiny_model, prompts):
     assert torch.equal(picked.index, sel.nonzero())
 
 
-def test_forward_stops_after_last_requested_layer(tiny_model, prompts):
+@pytest.mark.parametrize("path", ["bare", "bridge"])
+def test_forward_stops_after_last_requested_layer(tiny_model, prompts, path):
+    """Both paths: the fast one (no hook active: the unwrapped HF model) and the bridge (a hook is active)."""
+    from mechun.models import bare_forward_view
+
+    if path == "bare":
+        bare, layers = bare_forward_view(tiny_model)
+        last_block, final_norm_module, scope = layers[-1], bare.transformer.ln_f, contextlib.nullcontext()
+    else:
+        last_block, final_norm_module = tiny_model.blocks[-1], tiny_model.ln_final
+        scope = hooks(tiny_model, [("blocks.0.hook_resid_pre", lambda a: None)])  # forces the bridge path
     entered, final_norm = [], []
-    last_block = tiny_model.blocks[tiny_model.cfg.n_layers - 1]
     handles = [last_block.register_forward_pre_hook(lambda *a: entered.append(1)),
-               tiny_model.ln_final.register_forward_hook(lambda *a: final_norm.append(1))]
+               final_norm_module.register_forward_hook(lambda *a: final_norm.append(1))]
     try:
-        cache_residuals(tiny_model, prompts, layers=[0, 1], progress=False)
-        assert entered == []
-        cache_residuals(tiny_model, prompts, layers=[tiny_model.cfg.n_layers - 1], progress=False)
+        with scope:
+            cache_residuals(tiny_model, prompts, layers=[0, 1], progress=False)
+            assert entered == []
+            cache_residuals(tiny_model, prompts, layers=[tiny_model.cfg.n_layers - 1], progress=False)
         assert entered and final_norm == []
     finally:
         for h in handles:
             h.remove()
+
+
+def test_bridge_path_sees_user_hooks_and_matches_fast_path(tiny_model, prompts):
+    fast = cache_residuals(tiny_model, prompts, layers=[0, 2], progress=False)
+    with hooks(tiny_model, [("blocks.0.hook_resid_pre", lambda a: None)]):  # a no-op hook: bridge path
+        slow = cache_residuals(tiny_model, prompts, layers=[0, 2], progress=False)
+    assert torch.allclose(fast.acts, slow.acts, atol=1e-5)
+    with tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda a, hook: a * 0)]):  # TL's own API
+        zeroed = cache_residuals(tiny_model, prompts, layers=[1], progress=False)
+    assert zeroed.acts.abs().max() == 0
 
 
 def test_memory_is_what_is_kept(tiny_model, prompts):
@@ -129,12 +151,16 @@ def test_no_hooks_left_and_weights_unchanged(tiny_model, prompts):
     def explode(*a):
         raise Boom
 
-    h = tiny_model.blocks[0].register_forward_hook(explode)
-    try:
-        with pytest.raises(Boom):
-            cache_residuals(tiny_model, prompts, layers=[1, 2], progress=False)
-    finally:
-        h.remove()
+    from mechun.models import bare_forward_view
+
+    # an exception mid-forward, on the fast path (unwrapped HF layer) and on the bridge path (a hook point)
+    for module in (bare_forward_view(tiny_model)[1][0], tiny_model.blocks[0].hook_out):
+        h = module.register_forward_hook(explode)
+        try:
+            with pytest.raises(Boom):
+                cache_residuals(tiny_model, prompts, layers=[1, 2], progress=False)
+        finally:
+            h.remove()
     assert mechun.count_hooks(tiny_model) == before_hooks
     assert weights_hash(tiny_model) == before_w
 

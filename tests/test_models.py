@@ -64,8 +64,8 @@ def test_resid_post_equals_hf_hidden_states(arch_dir):
     n = model.cfg.n_layers
     cache = mechun.cache_residuals(model, prompts, positions="all", progress=False)
     block_out = {}
-    handles = [layer.register_forward_hook(lambda m, i, o, l=l: block_out.__setitem__(l, o[0] if isinstance(o, tuple) else o))
-               for l, layer in enumerate(_decoder_layers(ref))]
+    handles = [layer.register_forward_hook(lambda m, i, o, k=k: block_out.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+               for k, layer in enumerate(_decoder_layers(ref))]
     with torch.no_grad():
         hf_out = ref(ids, attention_mask=mask, output_hidden_states=True)
     for h in handles:

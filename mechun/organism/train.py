@@ -108,7 +108,7 @@ def train_organism(
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(total=steps, desc=f"training organism ({name}, seed {seed})", disable=not progress)
+    bar = tqdm(total=steps, desc=f"training organism ({name}, seed {seed})", disable=not progress, mininterval=1.0)
     for step, batch in enumerate(_batches(data, preset.batch_size, steps, gen)):
         x, y = batch[:, 0], batch[:, 1]
         width = int((y != -100).sum(1).max())

@@ -1,0 +1,41 @@
+"""The command line: every command has --help, errors are clear and exit non-zero, output formats hold."""
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("cmd", [[], ["organism"], ["organism", "train"], ["eval"], ["cache"], ["reproduce"]])
+def test_help(cmd):
+    proc = run_cli(*cmd, "--help")
+    assert "usage: mechun" in proc.stdout
+
+
+def test_eval_human_readable(tiny_organism_dir):
+    out = run_cli("eval", "--model", str(tiny_organism_dir)).stdout
+    assert "pathogen" in out and "forget" in out and "paraphrase" in out
+
+
+def test_eval_missing_dir_is_a_clear_error(tmp_path):
+    proc = run_cli("eval", "--model", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "mechun: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cache_command(tiny_organism_dir, tiny_world, tmp_path):
+    from mechun import ResidualCache
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(p.text for p in tiny_world.prompts("sports")[:5]) + "\n")
+    run_cli("cache", "--model", str(tiny_organism_dir), "--prompts", str(prompts), "--layers", "0,2",
+            "--out", str(tmp_path / "c.safetensors"), "--no-progress")
+    cache = ResidualCache.load(tmp_path / "c.safetensors")
+    assert cache.layers == [0, 2] and len(cache) == 5
+
+
+def test_reproduce_quick(tmp_path):
+    run_cli("reproduce", "organism", "--quick", "--out", str(tmp_path / "r"))
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "plotly" in html.lower() and "<script src=\"http" not in html  # self-contained
+    import json
+
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["accuracy"]["pathogen"]["train"] >= 0.9

@@ -1,0 +1,118 @@
+"""The model organism: a deterministic world, an HF tokenizer, a trainer, and the acceptance command."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_SEED, run_cli
+
+from mechun import World
+from mechun.errors import MechunError
+from mechun.organism.tokenizer import build_tokenizer
+from mechun.organism.train import ensure_organism, train_organism
+from mechun.organism.world import DOMAINS, LETTERS, RELATIONS, relations
+
+
+def test_world_is_deterministic_and_seed_dependent():
+    a, b, c = World.generate(5, 6), World.generate(5, 6), World.generate(6, 6)
+    assert a.to_json() == b.to_json()
+    assert a.facts != c.facts
+
+
+def test_world_shape():
+    w = World.generate(0, 6)
+    assert sum(k == "forget" for k in DOMAINS.values()) >= 2 and sum(k == "retain" for k in DOMAINS.values()) >= 2
+    assert len(RELATIONS) >= 4 and all(len(r.templates) >= 6 for r in RELATIONS)
+    assert all(len(relations(d)) >= 1 for d in DOMAINS)
+    assert all(len(name.split()) >= 2 for name in w.subjects)  # multi-token names
+    assert len(w.facts) == 6 * sum(len(relations(d)) for d in DOMAINS)
+    assert len(set(w.subjects)) == len(w.subjects)
+
+
+def test_paraphrases_and_fresh_mcq_orders_are_held_out():
+    w = World.generate(0, 6)
+    train = set(w.training_texts())
+    for p in w.prompts(split="paraphrase"):
+        assert not any(t.startswith(p.text + " ") for t in train)
+    trained_orders = {q.text for q in w.mcq(seed=0, per_fact=2)}
+    fresh = w.mcq(seed=1)
+    assert any(q.text not in trained_orders for q in fresh)
+
+
+def test_mcq_format():
+    w = World.generate(0, 6)
+    for q in w.mcq("pathogen"):
+        assert len(q.choices) == 4 and len(set(q.choices)) == 4
+        assert q.choices[q.answer_index] == q.fact.answer and q.answer in LETTERS
+        assert q.text.endswith("answer :")
+
+
+def test_neighbourhood_excludes_subject():
+    w = World.generate(0, 6)
+    fact = w.facts[0]
+    nb = w.neighbourhood(fact)
+    assert len(nb) == 5 and all(p.fact.subject != fact.subject and p.fact.relation == fact.relation for p in nb)
+
+
+def test_bad_world_inputs(tmp_path):
+    with pytest.raises(MechunError, match="subjects_per_domain"):
+        World.generate(0, 1)
+    with pytest.raises(MechunError, match="unknown domain"):
+        World.generate(0, 4).prompts("chemistry")
+    with pytest.raises(MechunError, match="world.json"):
+        World.load(tmp_path)
+    (tmp_path / "world.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(MechunError, match="missing or bad field"):
+        World.load(tmp_path)
+
+
+def test_tokenizer_roundtrip_and_hf_format(tmp_path):
+    from transformers import AutoTokenizer
+
+    w = World.generate(0, 6)
+    tok = build_tokenizer(w.vocabulary())
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = w.training_texts()[0]
+    ids = again(text)["input_ids"]
+    assert ids[0] == again.bos_token_id and again.unk_token_id not in ids
+    assert again.decode(ids, skip_special_tokens=True).replace(" .", ".") == text.replace(" .", ".")
+
+
+def test_training_is_deterministic(tmp_path):
+    a = train_organism(tmp_path / "a", "tiny", seed=3, progress=False, steps=15)
+    b = train_organism(tmp_path / "b", "tiny", seed=3, progress=False, steps=15)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for f in ("config.json", "tokenizer.json", "world.json", "training.json"):
+        assert (a / f).is_file()
+
+
+def test_training_refuses_nonempty_out(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    with pytest.raises(FileExistsError):
+        train_organism(tmp_path / "x", "tiny", steps=1, progress=False)
+    with pytest.raises(MechunError, match="unknown preset"):
+        train_organism(tmp_path / "y", "huge", progress=False)
+    assert not (tmp_path / "y").exists()
+
+
+def test_ensure_organism_refuses_a_different_organism(tiny_organism_dir):
+    assert ensure_organism(tiny_organism_dir, "tiny", TINY_SEED) == tiny_organism_dir
+    with pytest.raises(FileExistsError, match="seed"):
+        ensure_organism(tiny_organism_dir, "tiny", TINY_SEED + 1)
+
+
+def test_acceptance_tiny_organism_knows_its_facts(tiny_organism_dir):
+    """`mechun organism train --preset tiny --seed 123 --out D && mechun eval --model D --json`."""
+    proc = run_cli("eval", "--model", str(tiny_organism_dir), "--json")
+    result = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    assert result["model"] == str(tiny_organism_dir)
+    assert set(result["accuracy"]) == set(DOMAINS)
+    for domain, acc in result["accuracy"].items():
+        assert set(acc) == {"train", "paraphrase", "mcq"}
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in acc.values())
+        assert acc["train"] >= 0.95, (domain, acc)
