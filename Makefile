@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The main job on the embedded model organism; writes $(OUT)/report.html and $(OUT)/results.json.
 reproduce: $(STAMP)
-	$(VENV)/bin/mechun reproduce organism --out $(OUT)
+	$(VENV)/bin/mechun reproduce rmu-shallow --out $(OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mechun tests analyses benchmarks

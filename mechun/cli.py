@@ -68,6 +68,48 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_rmu(args) -> int:
+    import dataclasses
+
+    from analyses.rmu_shallowness import corpora
+    from mechun.models import load_model
+    from mechun.organism.world import World
+    from mechun.rmu import RMUConfig, rmu_unlearn, save_unlearned
+
+    world = World.load(args.world or args.model)
+    forget = args.forget.split(",")
+    cfg = RMUConfig(forget, layer=args.layer, steering_coeff=args.steering_coeff, alpha=args.alpha, lr=args.lr,
+                    steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
+    model, frozen = load_model(args.model, device=args.device), load_model(args.model, device=args.device)
+    forget_texts, retain = corpora(world, forget, mcq_per_fact=6)
+    res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
+    save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]})
+    (Path(args.out) / "world.json").write_text((Path(args.world or args.model) / "world.json").read_text()
+                                              if not args.world else Path(args.world).read_text())
+    print(json.dumps({"out": args.out, "config": dataclasses.asdict(res.config), "final_loss": res.losses[-1]}))
+    return 0
+
+
+def _cmd_junk(args) -> int:
+    from analyses.junk_pair import run, run_prompts
+
+    if args.forget_prompts or args.retain_prompts:
+        if not (args.forget_prompts and args.retain_prompts):
+            raise FileNotFoundError("pass both --forget-prompts and --retain-prompts (text files, one per line)")
+        read = lambda f: [x.strip() for x in Path(f).read_text().splitlines() if x.strip()]  # noqa: E731
+        kw = {"dtype": args.dtype}
+        kw.update({"device_map": args.device_map} if args.device_map else {"device": args.device})
+        r = run_prompts(args.base, args.unlearned, Path(args.out), read(args.forget_prompts),
+                        read(args.retain_prompts), layer=args.layer, **kw)
+        print(json.dumps({"out": args.out, "layer": r["layer"], "norm_ratio_forget": r["norm_ratio_forget"]}))
+        return 0
+    r = run(Path(args.base), Path(args.unlearned), Path(args.out), forget=args.forget, layer=args.layer)
+    print(json.dumps({"out": args.out, "layer": r["layer"], "recovery_fraction_by_format": r["recovery_fraction_by_format"]}))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from mechun.reproduce import reproduce
 
@@ -111,8 +153,40 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--no-progress", action="store_true")
     ca.set_defaults(func=_cmd_cache)
 
+    rm = sub.add_parser("rmu", help="unlearn a forget domain with RMU; saves an HF checkpoint dir with rmu.json")
+    rm.add_argument("--model", required=True, help="base organism checkpoint dir")
+    rm.add_argument("--forget", required=True, help="forget domain(s), comma-separated (e.g. pathogen)")
+    rm.add_argument("--layer", type=int, default=None, help="RMU layer l (default n_layers//2); updates l-2..l")
+    rm.add_argument("--steering-coeff", type=float, default=None,
+                    help="c; default 6x the base model's mean forget-token norm at the layer")
+    rm.add_argument("--alpha", type=float, default=100.0)
+    rm.add_argument("--lr", type=float, default=1e-3)
+    rm.add_argument("--steps", type=int, default=200)
+    rm.add_argument("--batch-size", type=int, default=16)
+    rm.add_argument("--seed", type=int, default=0)
+    rm.add_argument("--world", help="world.json (default: the one in --model)")
+    rm.add_argument("--device", default=None)
+    rm.add_argument("--out", required=True)
+    rm.add_argument("--no-progress", action="store_true")
+    rm.set_defaults(func=_cmd_rmu)
+
+    jk = sub.add_parser("junk", help="junk-direction diagnosis and recovery for a (base, unlearned) pair")
+    jk.add_argument("--base", required=True)
+    jk.add_argument("--unlearned", required=True)
+    jk.add_argument("--forget", default=None, help="forget domain (default: from rmu.json)")
+    jk.add_argument("--layer", type=int, default=None, help="layer of the direction (default: rmu.json's)")
+    jk.add_argument("--forget-prompts", help="any models: forget-domain prompts, one per line (diagnosis only)")
+    jk.add_argument("--retain-prompts", help="any models: retain prompts, one per line")
+    jk.add_argument("--device", default=None)
+    jk.add_argument("--device-map", default=None, help='e.g. "auto" to spread a 7B model over several GPUs')
+    jk.add_argument("--dtype", default=None, help="e.g. bfloat16")
+    jk.add_argument("--out", required=True)
+    jk.set_defaults(func=_cmd_junk)
+
     rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
-    rp.add_argument("analysis", choices=["organism"], help="organism: train the small organism and evaluate it")
+    rp.add_argument("analysis", choices=["rmu-shallow", "organism"],
+                    help="rmu-shallow: RMU junk-direction diagnosis and recovery (the main job); "
+                         "organism: train the small organism and evaluate it")
     rp.add_argument("--out", required=True)
     rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
     rp.add_argument("--seed", type=int, default=0)

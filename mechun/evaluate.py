@@ -140,3 +140,47 @@ def chance_accuracy(fmt: str, world: World | None = None) -> float:
     from mechun.organism.world import RELATIONS
 
     return 1 / len(LETTERS) if fmt == "mcq" else 1 / len(RELATIONS[0].values)
+
+
+@torch.inference_mode()
+def next_token_entropy(model: Any, prompts: Sequence[str], batch_size: int = 64) -> float:
+    """Mean entropy (nats) of the next-token distribution at each prompt's last position."""
+    out = []
+    for ps in _batched(list(prompts), batch_size):
+        ids, mask = tokenize(model, ps)
+        logits = _forward_logits(model, ids, mask)
+        last = logits[torch.arange(len(ps)), mask.sum(1).to(logits.device) - 1].log_softmax(-1)
+        out.append(-(last.exp() * last).sum(-1).cpu())
+    return float(torch.cat(out).mean())
+
+
+@torch.inference_mode()
+def continuation_nll(model: Any, judge: Any, prompts: Sequence[str], n_tokens: int = 4, batch_size: int = 64) -> float:
+    """Coherence: ``model`` continues each prompt greedily for ``n_tokens``; ``judge`` (e.g. the base model, without
+    interventions) scores the continuation. Mean negative log-likelihood per continuation token: junk-flooded text
+    scores high, a fluent continuation low. Hooks active on ``model`` apply to the generation only if ``judge`` is
+    another object."""
+    total, count = 0.0, 0
+    dev = model_device(model)
+    for ps in _batched(list(prompts), batch_size):
+        ids, mask = tokenize(model, ps)
+        ids, mask = ids.to(dev), mask.to(dev)
+        lengths = mask.sum(1)
+        width = ids.shape[1] + n_tokens
+        seq = torch.full((len(ps), width), model.tokenizer.pad_token_id, device=dev)
+        seq[:, : ids.shape[1]] = ids
+        full_mask = torch.zeros_like(seq)
+        full_mask[:, : ids.shape[1]] = mask
+        rows = torch.arange(len(ps), device=dev)
+        for k in range(n_tokens):
+            logits = model(seq, attention_mask=full_mask)
+            nxt = logits[rows, lengths + k - 1].argmax(-1)
+            seq[rows, lengths + k] = nxt
+            full_mask[rows, lengths + k] = 1
+        jd = model_device(judge)
+        logp = judge(seq.to(jd), attention_mask=full_mask.to(jd)).float().log_softmax(-1)
+        for b in range(len(ps)):
+            pos = torch.arange(int(lengths[b]), int(lengths[b]) + n_tokens, device=logp.device)
+            total -= float(logp[b, pos - 1].gather(-1, seq[b, pos].to(logp.device)[:, None]).sum())
+            count += n_tokens
+    return total / count

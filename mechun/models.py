@@ -73,10 +73,12 @@ def load_model(
     path_or_name: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
 ) -> Any:
     """Load a local Hugging Face checkpoint dir or a hub name as a TransformerLens ``TransformerBridge``.
 
-    The returned model carries its tokenizer (``model.tokenizer``) and is in eval mode. Weights are exactly the
+    ``device_map`` (e.g. ``"auto"``) spreads a large model over several GPUs through ``transformers``; it excludes
+    ``device``. The returned model carries its tokenizer (``model.tokenizer``) and is in eval mode. Weights are exactly the
     checkpoint's (no LayerNorm folding), so ``blocks.{l}.hook_resid_post`` equals Hugging Face's
     ``hidden_states[l + 1]``.
     """
@@ -87,10 +89,15 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map is not None and device is not None:
+        raise MechunError("pass either device or device_map, not both")
+    if device_map is None:
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
+                                                        device_map=device_map)
     except OSError as e:  # hub name offline, or a malformed dir
         raise MechunError(
             f"could not load {source!r}: {e}. Offline, pass a local checkpoint dir; online, check the hub name."
@@ -98,7 +105,8 @@ def load_model(
     if tokenizer.pad_token is None:  # gpt2, llama: pad with eos; mechun always passes an attention mask
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    hf_model.to(device)
+    if device_map is None:
+        hf_model.to(device)
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mechun.errors import MechunError
 
-ANALYSES = {"organism": "analyses.organism_baseline"}
+ANALYSES = {"organism": "analyses.organism_baseline", "rmu-shallow": "analyses.rmu_shallowness"}
 
 
 def reproduce(name: str, out: Path, quick: bool = False, seed: int = 0) -> Path:

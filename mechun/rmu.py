@@ -35,7 +35,15 @@ from mechun.cache import cache_residuals
 from mechun.errors import MechunError
 from mechun.hooks import StopForward, bare_layer_hooks
 from mechun.interventions import Direction
-from mechun.models import check_layer, d_model, model_device, model_fingerprint, n_layers, save_model, tokenize
+from mechun.models import (
+    check_layer,
+    d_model,
+    model_device,
+    model_fingerprint,
+    n_layers,
+    save_model,
+    tokenize,
+)
 
 
 @dataclass

@@ -1,0 +1,139 @@
+"""RMU: faithful mechanics (what moves, the steering vector), the junk signature, and recovery by ablation."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli, weights_hash
+
+import mechun
+from analyses.rmu_shallowness import corpora
+from mechun.errors import MechunError
+from mechun.evaluate import cloze_accuracy
+from mechun.models import hf_state_dict
+from mechun.rmu import (
+    RMUConfig,
+    diagnose_junk,
+    load_steering,
+    random_direction_like,
+    recovery_fraction,
+    rmu_unlearn,
+    save_unlearned,
+    steering_vectors,
+)
+
+
+def test_steering_vectors_follow_wmdp():
+    s = steering_vectors(64, ["a", "b"], coeff=20.0, seed=3)
+    for v in s.values():
+        assert torch.isclose(v.norm(), torch.tensor(20.0)) and (v >= 0).all()  # uniform [0,1)^d, normalised, * c
+    assert not torch.allclose(s["a"], s["b"])
+    assert torch.equal(steering_vectors(64, ["a"], 20.0, 3)["a"], s["a"])
+
+
+@pytest.fixture(scope="module")
+def rmu_run(tiny_organism_dir, tiny_world):
+    base = mechun.load_model(tiny_organism_dir, device="cpu")
+    model = mechun.load_model(tiny_organism_dir, device="cpu")
+    before = {k: v.clone() for k, v in hf_state_dict(model).items()}
+    base_hash = weights_hash(base)
+    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    cfg = RMUConfig(["pathogen"], layer=1, steps=120, seed=0)
+    res = rmu_unlearn(model, base, forget, retain, cfg, progress=False)
+    return base, model, before, base_hash, res
+
+
+def test_only_mlp_output_weights_of_update_layers_move(rmu_run):
+    base, model, before, base_hash, res = rmu_run
+    assert res.config.update_layers == [0, 1]
+    after = hf_state_dict(model)
+    moved = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    assert moved == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"]
+    assert weights_hash(base) == base_hash  # the frozen copy never changes
+
+
+def test_rmu_forgets_and_leaves_the_junk_signature(rmu_run, tiny_world):
+    base, model, _, _, res = rmu_run
+    assert cloze_accuracy(base, tiny_world.prompts("pathogen")) > 0.95
+    forget_after = cloze_accuracy(model, tiny_world.prompts("pathogen"))
+    assert forget_after < 0.5
+    assert cloze_accuracy(model, tiny_world.prompts("sports")) > 0.9
+    fp = [p.text for p in tiny_world.prompts("pathogen")]
+    rp = [p.text for p in tiny_world.prompts("sports")]
+    diag = diagnose_junk(base, model, fp, rp, steering=res.steering["pathogen"])
+    assert diag.norm_ratio_forget[1] > 2.0 and diag.norm_ratio_retain[1] < 1.2
+    assert diag.norm_ratio_forget[0] < diag.norm_ratio_forget[1]
+    assert diag.cos_with_steering["mean_diff"][1] > 0.9
+    assert diag.explained["mean_diff"][1] > 0.5
+    # recovery: ablate the direction from layer 1 on; a random direction of the same norm does nothing
+    d = diag.direction(1)
+    with mechun.project_out(model, d, layers=[1, 2]):
+        ablated = cloze_accuracy(model, tiny_world.prompts("pathogen"))
+    with mechun.project_out(model, random_direction_like(d.vector), layers=[1, 2]):
+        control = cloze_accuracy(model, tiny_world.prompts("pathogen"))
+    assert recovery_fraction(1.0, forget_after, ablated) > 0.5
+    assert abs(recovery_fraction(1.0, forget_after, control)) < 0.2
+
+
+def test_save_unlearned_roundtrip(rmu_run, tmp_path):
+    _, model, _, _, res = rmu_run
+    out = save_unlearned(model, res, tmp_path / "unl")
+    steer = load_steering(out)
+    assert torch.allclose(steer["pathogen"], res.steering["pathogen"])
+    meta = json.loads((out / "rmu.json").read_text())
+    assert meta["config"]["layer"] == 1 and meta["steering_coeff"] == res.config.steering_coeff
+    again = mechun.load_model(out, device="cpu")
+    assert mechun.model_fingerprint(again) == mechun.model_fingerprint(model)
+
+
+def test_rmu_is_deterministic(tiny_organism_dir, tiny_world):
+    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    fps = []
+    for _ in range(2):
+        base = mechun.load_model(tiny_organism_dir, device="cpu")
+        model = mechun.load_model(tiny_organism_dir, device="cpu")
+        rmu_unlearn(model, base, forget, retain, RMUConfig(["pathogen"], layer=1, steps=5, seed=7), progress=False)
+        fps.append(mechun.model_fingerprint(model))
+    assert fps[0] == fps[1]
+
+
+def test_rmu_bad_inputs(tiny_organism_dir, tiny_world, tiny_model):
+    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    model = mechun.load_model(tiny_organism_dir, device="cpu")
+    with pytest.raises(MechunError, match="forget domain"):
+        rmu_unlearn(model, tiny_model, forget, retain, RMUConfig([]), progress=False)
+    with pytest.raises(MechunError, match="empty corpus"):
+        rmu_unlearn(model, tiny_model, {"cyber": []}, retain, RMUConfig(["cyber"]), progress=False)
+    with pytest.raises(MechunError, match="out of range"):
+        rmu_unlearn(model, tiny_model, forget, retain, RMUConfig(["pathogen"], layer=9), progress=False)
+    with torch.no_grad():
+        next(iter(hf_state_dict(model).values())).add_(1.0)
+    with pytest.raises(MechunError, match="same weights"):
+        rmu_unlearn(model, tiny_model, forget, retain, RMUConfig(["pathogen"], layer=1), progress=False)
+
+
+def test_cli_rmu_then_junk(tiny_organism_dir, tmp_path):
+    unl = tmp_path / "unl"
+    run_cli("rmu", "--model", str(tiny_organism_dir), "--forget", "pathogen", "--layer", "1", "--steps", "80",
+            "--out", str(unl), "--no-progress")
+    assert (unl / "rmu.json").is_file() and (unl / "config.json").is_file()
+    out = json.loads(run_cli("junk", "--base", str(tiny_organism_dir), "--unlearned", str(unl),
+                             "--out", str(tmp_path / "junk")).stdout)
+    assert out["layer"] == 1
+    results = json.loads((tmp_path / "junk" / "results.json").read_text())
+    assert results["norm_ratio_forget"][1] > results["norm_ratio_retain"][1]
+    assert (tmp_path / "junk" / "report.html").is_file() and (tmp_path / "junk" / "junk_direction.safetensors").is_file()
+    d = mechun.Direction.load(tmp_path / "junk" / "junk_direction.safetensors")
+    with pytest.raises(mechun.ModelMismatchError):  # computed on the unlearned model, refused on the base
+        with mechun.project_out(mechun.load_model(tiny_organism_dir, device="cpu"), d):
+            pass
+
+
+def test_cli_junk_on_prompt_files_for_any_pair(tiny_organism_dir, tiny_world, tmp_path):
+    fp, rp = tmp_path / "f.txt", tmp_path / "r.txt"
+    fp.write_text("\n".join(p.text for p in tiny_world.prompts("pathogen")[:8]))
+    rp.write_text("\n".join(p.text for p in tiny_world.prompts("sports")[:8]))
+    out = json.loads(run_cli("junk", "--base", str(tiny_organism_dir), "--unlearned", str(tiny_organism_dir),
+                             "--forget-prompts", str(fp), "--retain-prompts", str(rp), "--device", "cpu",
+                             "--out", str(tmp_path / "j")).stdout)
+    assert all(abs(x - 1.0) < 1e-5 for x in out["norm_ratio_forget"])  # a model against itself: no junk
