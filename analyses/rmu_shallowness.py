@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 import mechun
 from mechun.evaluate import FORMATS, chance_accuracy, continuation_nll, evaluate_world, next_token_entropy
 from mechun.models import load_model, n_layers
-from mechun.organism.train import ensure_organism
+from mechun.organism.train import ensure_organism, mcq_orders_trained
 from mechun.organism.world import DOMAINS, World
 from mechun.report import table, write_report
 from mechun.rmu import (
@@ -44,19 +44,6 @@ from mechun.rmu import (
 
 FORGET = "pathogen"
 CONDITIONS = ("base", "unlearned", "ablated", "random_ablated", "base_ablated")
-
-
-def corpora(world: World, forget: list[str], mcq_per_fact: int) -> tuple[dict[str, list[str]], list[str]]:
-    """RMU's forget corpus per domain (its training sentences) and the retain corpus (everything else)."""
-    texts = world.training_texts(mcq_per_fact=mcq_per_fact)
-    subjects = {d: [s for s, dom in world.subjects.items() if dom == d] for d in forget}
-
-    def about(t: str, d: str) -> bool:
-        return any(s in t for s in subjects[d])
-
-    forget_texts = {d: [t for t in texts if about(t, d)] for d in forget}
-    retain = [t for t in texts if not any(about(t, d) for d in forget)]
-    return forget_texts, retain
 
 
 def settings(quick: bool, layers: int) -> tuple[RMUConfig, list[tuple[str, RMUConfig]]]:
@@ -88,7 +75,7 @@ def _retain_acc(acc: dict[str, dict[str, float]]) -> dict[str, float]:
 def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: bool, base: Any) -> dict:
     """Unlearn with ``cfg``, diagnose, ablate, evaluate. ``full`` adds controls, coherence and the diagnosis."""
     model = load_model(ckpt, device="cpu")
-    forget_texts, retain_texts = corpora(world, cfg.forget_domains, mcq_per_fact=6)
+    forget_texts, retain_texts = world.corpora(cfg.forget_domains, mcq_per_fact=mcq_orders_trained(ckpt))
     res = rmu_unlearn(model, base, forget_texts, retain_texts, cfg, progress=False)
     layer = res.config.layer
     forget_prompts = [p.text for p in world.prompts(FORGET)]

@@ -71,8 +71,8 @@ def _cmd_cache(args) -> int:
 def _cmd_rmu(args) -> int:
     import dataclasses
 
-    from analyses.rmu_shallowness import corpora
     from mechun.models import load_model
+    from mechun.organism.train import mcq_orders_trained
     from mechun.organism.world import World
     from mechun.rmu import RMUConfig, rmu_unlearn, save_unlearned
 
@@ -83,7 +83,7 @@ def _cmd_rmu(args) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
     model, frozen = load_model(args.model, device=args.device), load_model(args.model, device=args.device)
-    forget_texts, retain = corpora(world, forget, mcq_per_fact=6)
+    forget_texts, retain = world.corpora(forget, mcq_per_fact=mcq_orders_trained(args.model))
     res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
     save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]})
     (Path(args.out) / "world.json").write_text((Path(args.world or args.model) / "world.json").read_text()

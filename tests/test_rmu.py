@@ -7,7 +7,6 @@ import torch
 from conftest import run_cli, weights_hash
 
 import mechun
-from analyses.rmu_shallowness import corpora
 from mechun.errors import MechunError
 from mechun.evaluate import cloze_accuracy
 from mechun.models import hf_state_dict
@@ -37,7 +36,7 @@ def rmu_run(tiny_organism_dir, tiny_world):
     model = mechun.load_model(tiny_organism_dir, device="cpu")
     before = {k: v.clone() for k, v in hf_state_dict(model).items()}
     base_hash = weights_hash(base)
-    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
     cfg = RMUConfig(["pathogen"], layer=1, steps=120, seed=0)
     res = rmu_unlearn(model, base, forget, retain, cfg, progress=False)
     return base, model, before, base_hash, res
@@ -87,7 +86,7 @@ def test_save_unlearned_roundtrip(rmu_run, tmp_path):
 
 
 def test_rmu_is_deterministic(tiny_organism_dir, tiny_world):
-    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
     fps = []
     for _ in range(2):
         base = mechun.load_model(tiny_organism_dir, device="cpu")
@@ -98,7 +97,7 @@ def test_rmu_is_deterministic(tiny_organism_dir, tiny_world):
 
 
 def test_rmu_bad_inputs(tiny_organism_dir, tiny_world, tiny_model):
-    forget, retain = corpora(tiny_world, ["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
     model = mechun.load_model(tiny_organism_dir, device="cpu")
     with pytest.raises(MechunError, match="forget domain"):
         rmu_unlearn(model, tiny_model, forget, retain, RMUConfig([]), progress=False)

@@ -157,3 +157,9 @@ def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, p
             f"remove it or choose another --out"
         )
     return train_organism(out, preset=preset, seed=seed, progress=progress)
+
+
+def mcq_orders_trained(ckpt: str | Path, default: int = 2) -> int:
+    """How many MCQ option orders per fact the organism at ``ckpt`` was trained on (its forget corpus has these)."""
+    info = Path(ckpt) / "training.json"
+    return json.loads(info.read_text())["config"]["mcq_per_fact"] if info.is_file() else default

@@ -224,6 +224,21 @@ class World:
         texts += self.filler
         return texts
 
+    def corpora(self, forget: list[str], mcq_per_fact: int = 2) -> tuple[dict[str, list[str]], list[str]]:
+        """Unlearning corpora: the training sentences about each forget domain's subjects, and all the others
+        (other domains and filler) as the retain corpus."""
+        for d in forget:
+            self.facts_of(d)  # validates the domain name
+        texts = self.training_texts(mcq_per_fact=mcq_per_fact)
+        subjects = {d: [s for s, dom in self.subjects.items() if dom == d] for d in forget}
+
+        def about(t: str, d: str) -> bool:
+            return any(s in t for s in subjects[d])
+
+        forget_texts = {d: [t for t in texts if about(t, d)] for d in forget}
+        retain = [t for t in texts if not any(about(t, d) for d in forget)]
+        return forget_texts, retain
+
     def vocabulary(self) -> list[str]:
         words: set[str] = set(LETTERS) | {".", "?", ":"}
         texts = self.training_texts(mcq_per_fact=1) + [p.text for p in self.prompts(split="paraphrase")]
