@@ -1,0 +1,283 @@
+"""Localizing fact recall: activation patching (batched), attribution patching, causal tracing.
+
+**Activation patching** runs the model on a *corrupt* prompt and replaces one activation -- a layer's residual
+stream, MLP or attention output at one position -- with its value from the *clean* run; the change in a metric
+(e.g. logit(answer) - logit(wrong) at the last position) says how much that activation carries the difference.
+TransformerLens' ``patching`` module runs one forward pass per patched index; :func:`activation_patching` puts many
+patched copies of the corrupt prompt in one batch (each copy patched at its own layer and position), so a whole
+layer x position sweep costs a handful of forwards. The numbers are the same (tested against
+``patching.get_act_patch_resid_pre``).
+
+**Attribution patching** (Nanda 2023) approximates every patch at once to first order: the metric's gradient on the
+corrupt run, dotted with (clean - corrupt) activations. One forward on each input and one backward. It can mislead
+where the metric is far from linear in the activation (saturated softmax, attention patterns).
+
+**Causal tracing** (ROME, Meng et al. 2022) corrupts the *subject* tokens' embeddings with Gaussian noise (3x the
+embedding standard deviation), then restores the clean hidden state at one (layer, token): the indirect effect is
+p(answer | restored) - p(answer | corrupted), averaged over noise samples. Restoring MLP or attention outputs uses a
+window of k layers around the layer, as in ROME. Like every patching method it measures where information *can be
+moved*, which is not always where it is stored -- the fact-lookup vs output-tracing distinction of Guo et al.
+(2024).
+
+Nothing here changes weights; every hook is removed on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechun.cache import cache_residuals
+from mechun.errors import MechunError
+from mechun.hooks import hooks
+from mechun.models import check_layer, hook_name, model_device, n_layers, tokenize
+
+Metric = Callable[[Tensor], Tensor]  # logits "batch pos vocab" -> "batch"
+PATCH_HOOKS = ("resid_pre", "resid_post", "resid_mid", "mlp_out", "attn_out")
+
+
+@dataclass
+class PatchingResult:
+    """``scores[layer, position]``: the metric with that activation patched in (or the effect, for tracing)."""
+
+    scores: Float[Tensor, "layer pos"]
+    hook: str
+    tokens: list[str]
+    clean_metric: float
+    corrupt_metric: float
+    layers: list[int]
+
+    def normalized(self) -> Tensor:
+        """0 = as corrupt, 1 = as clean."""
+        return (self.scores - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
+
+    def peak(self) -> tuple[int, int, float]:
+        flat = int(self.scores.argmax())
+        layer, pos = divmod(flat, self.scores.shape[1])
+        return self.layers[layer], pos, float(self.scores.flatten()[flat])
+
+    def to_json(self) -> dict:
+        return {"hook": self.hook, "tokens": self.tokens, "layers": self.layers, "scores": self.scores.tolist(),
+                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
+
+
+def logit_diff_metric(model: Any, answer: str, wrong: str) -> Metric:
+    """logit(answer) - logit(wrong) at the last position, for single-token words (after a space)."""
+    ids = []
+    for word in (answer, wrong):
+        toks = model.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise MechunError(f"{word!r} is {len(toks)} tokens; the logit-difference metric needs one-token words")
+        ids.append(toks[0])
+    a, w = ids
+
+    def metric(logits: Tensor) -> Tensor:
+        return logits[:, -1, a] - logits[:, -1, w]
+
+    return metric
+
+
+def answer_prob_metric(model: Any, answer: str) -> Metric:
+    """p(first token of answer) at the last position."""
+    tok = model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+
+    def metric(logits: Tensor) -> Tensor:
+        return logits[:, -1].float().softmax(-1)[:, tok]
+
+    return metric
+
+
+def _tokens(model: Any, text_or_ids: str | Tensor) -> Int[Tensor, "1 pos"]:
+    if isinstance(text_or_ids, Tensor):
+        ids = text_or_ids if text_or_ids.ndim == 2 else text_or_ids[None]
+        if ids.shape[0] != 1:
+            raise MechunError("pass one prompt (a 1 x pos tensor) at a time")
+        return ids
+    return tokenize(model, [text_or_ids])[0]
+
+
+def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
+    return list(range(n_layers(model))) if layers is None else [check_layer(model, x) for x in layers]
+
+
+@torch.inference_mode()
+def _run_metric(model: Any, ids: Tensor, metric: Metric) -> Tensor:
+    return metric(model(ids.to(model_device(model)))).float().cpu()
+
+
+@torch.inference_mode()
+def activation_patching(
+    model: Any,
+    clean: str | Tensor,
+    corrupt: str | Tensor,
+    metric: Metric,
+    hook: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    batch_size: int = 64,
+) -> PatchingResult:
+    """Patch each (layer, position) activation of ``hook`` from the clean into the corrupt run, many per forward."""
+    if hook not in PATCH_HOOKS:
+        raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {hook!r}")
+    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
+    if ids_c.shape != ids_x.shape:
+        raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
+                          "needs prompts of equal length (aligned positions)")
+    layers = _layers(model, layers)
+    n_pos = ids_c.shape[1]
+    clean_acts = cache_residuals(model, ids_c, layers=layers, positions="all", hook=hook, progress=False,
+                                 store_device=model_device(model)).acts[:, 0]  # layer pos d
+    index = [(li, p) for li in range(len(layers)) for p in range(n_pos)]
+    scores = torch.empty(len(index))
+    dev = model_device(model)
+    for start in range(0, len(index), batch_size):
+        chunk = index[start:start + batch_size]
+        rows_of = {li: ([r for r, (lj, _) in enumerate(chunk) if lj == li],
+                        [p for (lj, p) in chunk if lj == li]) for li in {li for li, _ in chunk}}
+
+        def make(li: int):
+            rows, pos = (torch.tensor(x, device=dev) for x in rows_of[li])
+
+            def fn(act: Tensor) -> Tensor:
+                act = act.clone()
+                act[rows, pos] = clean_acts[li, pos].to(act.dtype)
+                return act
+            return fn
+
+        fwd = [(hook_name(model, hook, layers[li]), make(li)) for li in rows_of]
+        with hooks(model, fwd):
+            scores[start:start + len(chunk)] = metric(model(ids_x.expand(len(chunk), -1).to(dev))).float().cpu()
+    return PatchingResult(scores.reshape(len(layers), n_pos), hook, model.tokenizer.convert_ids_to_tokens(ids_c[0]),
+                          float(_run_metric(model, ids_c, metric)[0]), float(_run_metric(model, ids_x, metric)[0]),
+                          layers)
+
+
+def attribution_patching(
+    model: Any,
+    clean: str | Tensor,
+    corrupt: str | Tensor,
+    metric: Metric,
+    hooks_: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
+) -> dict[str, PatchingResult]:
+    """First-order estimate of every patch at once: grad(metric on corrupt) . (clean - corrupt), per layer x pos.
+
+    ``scores`` hold the *estimated change* of the metric (not the patched metric itself)."""
+    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
+    if ids_c.shape != ids_x.shape:
+        raise MechunError("clean and corrupt prompts must have the same number of tokens")
+    for h in hooks_:
+        if h not in PATCH_HOOKS:
+            raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {h!r}")
+    L = n_layers(model)
+    clean_acts = {h: cache_residuals(model, ids_c, positions="all", hook=h, progress=False,
+                                     store_device=model_device(model)).acts[:, 0] for h in hooks_}
+    saved: dict[tuple[str, int], Tensor] = {}
+
+    def keep(h: str, layer: int):
+        def fn(act: Tensor) -> None:
+            saved[(h, layer)] = act
+        return fn
+
+    fwd = [(hook_name(model, h, layer), keep(h, layer)) for h in hooks_ for layer in range(L)]
+    with torch.enable_grad(), hooks(model, fwd):
+        out = metric(model(ids_x.to(model_device(model)))).sum()
+        keys = list(saved)
+        grads = torch.autograd.grad(out, [saved[k] for k in keys])
+    corrupt_value = float(out.detach())
+    result = {}
+    for h in hooks_:
+        scores = torch.stack([
+            ((clean_acts[h][layer] - saved[(h, layer)][0].detach()) * grads[keys.index((h, layer))][0]).sum(-1)
+            for layer in range(L)]).float().cpu()
+        result[h] = PatchingResult(scores, h, model.tokenizer.convert_ids_to_tokens(ids_c[0]),
+                                   float(_run_metric(model, ids_c, metric)[0]), corrupt_value, list(range(L)))
+    return result
+
+
+def subject_positions(model: Any, prompt: str, subject: str) -> list[int]:
+    """Token positions of ``subject`` inside ``prompt`` (its last occurrence)."""
+    ids = tokenize(model, [prompt])[0][0].tolist()
+    sub = model.tokenizer(subject if prompt.startswith(subject) else " " + subject,
+                          add_special_tokens=False)["input_ids"]
+    for start in range(len(ids) - len(sub), -1, -1):
+        if ids[start:start + len(sub)] == sub:
+            return list(range(start, start + len(sub)))
+    raise MechunError(f"subject {subject!r} not found in the tokens of {prompt!r}")
+
+
+@torch.inference_mode()
+def causal_trace(
+    model: Any,
+    prompt: str,
+    answer: str,
+    subject: str,
+    kind: str = "resid",
+    noise: float = 3.0,
+    samples: int = 10,
+    window: int = 3,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> PatchingResult:
+    """ROME causal tracing. ``kind``: "resid" (restore the block output), "mlp" or "attn" (restore that sublayer's
+    output at ``window`` layers centred on each layer). ``scores`` are indirect effects; ``clean_metric`` and
+    ``corrupt_metric`` are p(answer) clean and with the subject corrupted."""
+    hook_kind = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}.get(kind)
+    if hook_kind is None:
+        raise MechunError(f"kind must be 'resid', 'mlp' or 'attn', got {kind!r}")
+    if samples < 1 or window < 1:
+        raise MechunError("samples and window must be >= 1")
+    ids = _tokens(model, prompt)
+    subj = subject_positions(model, prompt, subject)
+    L, P, dev = n_layers(model), ids.shape[1], model_device(model)
+    prob = answer_prob_metric(model, answer)
+    emb = model.embed._original_component.weight if hasattr(model.embed, "_original_component") else model.W_E
+    sigma = noise * float(emb.float().std())
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(samples, len(subj), emb.shape[1], generator=gen) * sigma
+    clean = cache_residuals(model, ids, positions="all", hook=hook_kind, progress=False, store_device=dev).acts[:, 0]
+
+    def corrupt_fn(n_copies: int):
+        def fn(act: Tensor) -> Tensor:
+            act = act.clone()
+            noise_rows = eps.to(act.device, act.dtype).repeat(n_copies, 1, 1)
+            act[:, subj] += noise_rows
+            return act
+        return fn
+
+    with hooks(model, [("embed.hook_out", corrupt_fn(1))]):
+        p_corrupt = float(prob(model(ids.expand(samples, -1).to(dev))).mean())
+    p_clean = float(prob(model(ids.to(dev)))[0])
+    configs = [(layer, pos) for layer in range(L) for pos in range(P)]
+    per_fwd = max(1, batch_size // samples)
+    effects = torch.empty(len(configs))
+    for start in range(0, len(configs), per_fwd):
+        chunk = configs[start:start + per_fwd]
+        restore: dict[int, list[tuple[int, int]]] = {}  # layer -> [(copy, pos)]
+        for c, (layer, pos) in enumerate(chunk):
+            span = [layer] if kind == "resid" else range(max(0, layer - window // 2), min(L, layer - window // 2 + window))
+            for lay in span:
+                restore.setdefault(lay, []).append((c, pos))
+
+        def make(lay: int):
+            copies = torch.tensor([c for c, _ in restore[lay]], device=dev)
+            pos = torch.tensor([p for _, p in restore[lay]], device=dev)
+            rows = (copies[:, None] * samples + torch.arange(samples, device=dev)[None]).reshape(-1)
+            pos_rows = pos[:, None].expand(-1, samples).reshape(-1)
+
+            def fn(act: Tensor) -> Tensor:
+                act = act.clone()
+                act[rows, pos_rows] = clean[lay, pos_rows].to(act.dtype)
+                return act
+            return fn
+
+        fwd = [("embed.hook_out", corrupt_fn(len(chunk)))] + [(hook_name(model, hook_kind, lay), make(lay))
+                                                             for lay in restore]
+        with hooks(model, fwd):
+            p = prob(model(ids.expand(len(chunk) * samples, -1).to(dev))).float().cpu()
+        effects[start:start + len(chunk)] = p.reshape(len(chunk), samples).mean(1) - p_corrupt
+    return PatchingResult(effects.reshape(L, P), f"causal_trace/{kind}", model.tokenizer.convert_ids_to_tokens(ids[0]),
+                          p_clean, p_corrupt, list(range(L)))
