@@ -139,7 +139,7 @@ def activation_patching(
         rows_of = {li: ([r for r, (lj, _) in enumerate(chunk) if lj == li],
                         [p for (lj, p) in chunk if lj == li]) for li in {li for li, _ in chunk}}
 
-        def make(li: int):
+        def make(li: int, rows_of=rows_of):
             rows, pos = (torch.tensor(x, device=dev) for x in rows_of[li])
 
             def fn(act: Tensor) -> Tensor:
@@ -262,7 +262,7 @@ def causal_trace(
             for lay in span:
                 restore.setdefault(lay, []).append((c, pos))
 
-        def make(lay: int):
+        def make(lay: int, restore=restore):
             copies = torch.tensor([c for c, _ in restore[lay]], device=dev)
             pos = torch.tensor([p for _, p in restore[lay]], device=dev)
             rows = (copies[:, None] * samples + torch.arange(samples, device=dev)[None]).reshape(-1)
