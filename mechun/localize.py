@@ -281,3 +281,72 @@ def causal_trace(
         effects[start:start + len(chunk)] = p.reshape(len(chunk), samples).mean(1) - p_corrupt
     return PatchingResult(effects.reshape(L, P), f"causal_trace/{kind}", model.tokenizer.convert_ids_to_tokens(ids[0]),
                           p_clean, p_corrupt, list(range(L)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probing localization
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    """Per-layer linear-probe accuracy for decoding an attribute at the subject's last token."""
+
+    train_accuracy: list[float]
+    test_accuracy: list[float]
+    layers: list[int]
+    n_train: int
+    n_test: int
+    n_classes: int
+
+    def lookup_layers(self, k: int = 2) -> list[int]:
+        """The ``k`` layers where held-out decodability rises most (the fact-lookup layers): each layer's gain over
+        the previous one (the embedding counts as chance)."""
+        prev = [1.0 / self.n_classes] + self.test_accuracy[:-1]
+        gains = [a - b for a, b in zip(self.test_accuracy, prev, strict=True)]
+        return sorted(sorted(range(len(gains)), key=lambda i: -gains[i])[:k])
+
+
+def subject_token_features(model: Any, prompts: Sequence[str], subjects: Sequence[str],
+                           layers: Sequence[int] | None = None) -> Tensor:
+    """``layer n d_model``: the residual stream after each layer at each prompt's last subject token."""
+    ids, mask = tokenize(model, list(prompts))
+    sel = torch.zeros_like(mask, dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompts, subjects, strict=True)):
+        sel[i, subject_positions(model, p, s)[-1]] = True
+    return cache_residuals(model, ids, attention_mask=mask, layers=layers, positions=sel, progress=False).acts.float()
+
+
+def train_linear_probe(x: Tensor, y: Tensor, n_classes: int, steps: int = 300, lr: float = 0.05,
+                       weight_decay: float = 1e-3, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """Multinomial logistic regression on standardised features; returns a predict function."""
+    gen = torch.Generator().manual_seed(seed)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    w = (torch.randn(x.shape[1], n_classes, generator=gen) * 0.01).requires_grad_(True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    xs = (x - mu) / sd
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(xs @ w + b, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    w, b = w.detach(), b.detach()
+    return lambda z: ((z - mu) / sd @ w + b).argmax(-1)
+
+
+def probe_layers(model: Any, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[int],
+                 train: Sequence[bool], seed: int = 0) -> ProbeResult:
+    """Train a probe per layer on the prompts marked ``train`` and test it on the others (held-out subjects)."""
+    y = torch.tensor(list(labels))
+    is_train = torch.tensor(list(train))
+    if is_train.all() or not is_train.any():
+        raise MechunError("probing needs both training and held-out prompts")
+    feats = subject_token_features(model, prompts, subjects)
+    n_classes = int(y.max()) + 1
+    tr_acc, te_acc = [], []
+    for layer in range(feats.shape[0]):
+        predict = train_linear_probe(feats[layer][is_train], y[is_train], n_classes, seed=seed)
+        tr_acc.append(float((predict(feats[layer][is_train]) == y[is_train]).float().mean()))
+        te_acc.append(float((predict(feats[layer][~is_train]) == y[~is_train]).float().mean()))
+    return ProbeResult(tr_acc, te_acc, list(range(feats.shape[0])), int(is_train.sum()), int((~is_train).sum()),
+                       n_classes)
