@@ -110,6 +110,51 @@ def _cmd_junk(args) -> int:
     return 0
 
 
+def _cmd_localize(args) -> int:
+    from mechun import localize
+    from mechun.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    need = {"activation-patching": ("clean", "corrupt", "answer", "wrong"),
+            "attribution-patching": ("clean", "corrupt", "answer", "wrong"),
+            "causal-tracing": ("prompt", "subject", "answer"), "probing": ("relation",)}[args.method]
+    missing = [f"--{n}" for n in need if getattr(args, n) is None]
+    if missing:
+        raise FileNotFoundError(f"--method {args.method} needs {' '.join(missing)}")
+    if args.method in ("activation-patching", "attribution-patching"):
+        metric = localize.logit_diff_metric(model, args.answer, args.wrong)
+        if args.method == "activation-patching":
+            res = localize.activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook)
+        else:
+            res = localize.attribution_patching(model, args.clean, args.corrupt, metric, hooks_=[args.hook])[args.hook]
+        out = {"method": args.method, "hook": args.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
+               "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric,
+               "metric": f"logit({args.answer}) - logit({args.wrong}) at the last position"}
+    elif args.method == "causal-tracing":
+        res = localize.causal_trace(model, args.prompt, args.answer, args.subject, kind=args.kind,
+                                    samples=args.samples, seed=args.seed)
+        out = {"method": args.method, "hook": res.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
+               "p_clean": res.clean_metric, "p_corrupt": res.corrupt_metric,
+               "peak": dict(zip(("layer", "position", "indirect_effect"), res.peak(), strict=True))}
+    else:
+        from mechun.organism.world import World, relation
+
+        world = World.load(args.world or args.model)
+        rel = relation(args.relation)
+        facts = world.facts_of(relation=args.relation)
+        held = {f.subject for f in facts[: max(1, len(facts) // 3)]}
+        rows = [(t.format(s=f.subject), f.subject, rel.values.index(f.answer), f.subject not in held)
+                for f in facts for t in rel.train_templates]
+        res = localize.probe_layers(model, *map(list, zip(*rows, strict=True)), seed=args.seed)
+        out = {"method": args.method, "relation": args.relation, "train_accuracy": res.train_accuracy,
+               "test_accuracy": res.test_accuracy, "lookup_layers": res.lookup_layers(), "n_test": res.n_test}
+    text = json.dumps(out)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from mechun.reproduce import reproduce
 
@@ -182,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     jk.add_argument("--dtype", default=None, help="e.g. bfloat16")
     jk.add_argument("--out", required=True)
     jk.set_defaults(func=_cmd_junk)
+
+    lo = sub.add_parser("localize", help="where is a fact recalled? patching, attribution, causal tracing, probes")
+    lo.add_argument("--model", required=True)
+    lo.add_argument("--method", required=True,
+                    choices=["causal-tracing", "activation-patching", "attribution-patching", "probing"])
+    lo.add_argument("--clean", help="patching: the clean prompt")
+    lo.add_argument("--corrupt", help="patching: the corrupt prompt (same number of tokens)")
+    lo.add_argument("--answer", help="the clean answer (one token)")
+    lo.add_argument("--wrong", help="patching: the corrupt prompt's answer; metric = logit(answer) - logit(wrong)")
+    lo.add_argument("--hook", default="resid_pre", choices=["resid_pre", "resid_post", "resid_mid", "mlp_out",
+                                                            "attn_out"])
+    lo.add_argument("--prompt", help="causal tracing: the prompt")
+    lo.add_argument("--subject", help="causal tracing: the subject whose tokens are corrupted")
+    lo.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn"])
+    lo.add_argument("--samples", type=int, default=10)
+    lo.add_argument("--relation", help="probing: an organism relation (e.g. sport)")
+    lo.add_argument("--world", help="probing: world.json (default: the one in --model)")
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--device", default=None)
+    lo.add_argument("--out", help="write the JSON here too")
+    lo.set_defaults(func=_cmd_localize)
 
     rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
     rp.add_argument("analysis", choices=["rmu-shallow", "organism"],

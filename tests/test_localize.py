@@ -116,3 +116,19 @@ def test_batched_patching_uses_a_handful_of_forwards(tiny_model, pair):
         h.remove()
     n_patches = res.scores.numel()
     assert n_patches >= 12 and len(calls) <= 4  # clean cache + 1 batched sweep + 2 baseline metrics
+
+
+def test_cli_localize_patching_json(tiny_organism_dir, pair, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    clean, corrupt, ans, wrong = pair
+    run_cli("localize", "--model", str(tiny_organism_dir), "--method", "activation-patching", "--clean", clean,
+            "--corrupt", corrupt, "--answer", ans, "--wrong", wrong, "--hook", "resid_pre",
+            "--out", str(tmp_path / "f.json"))
+    out = json.loads((tmp_path / "f.json").read_text())
+    assert {"method", "hook", "tokens", "scores"} <= set(out) and out["method"] == "activation-patching"
+    assert len(out["scores"][0]) == len(out["tokens"])
+    proc = run_cli("localize", "--model", str(tiny_organism_dir), "--method", "causal-tracing", check=False)
+    assert proc.returncode == 2 and "--prompt" in proc.stderr
