@@ -155,6 +155,43 @@ def _cmd_localize(args) -> int:
     return 0
 
 
+def _cmd_edit(args) -> int:
+    from mechun.edit import component_mask, full_mask, localized_finetune
+    from mechun.evaluate import cloze_accuracy
+    from mechun.models import load_model, save_model
+    from mechun.organism.world import World
+
+    world = World.load(args.world or args.model)
+    subjects = [s.strip() for s in args.subjects.split(";") if s.strip()]
+    facts = [f for f in world.facts_of(relation=args.relation) if f.subject in subjects]
+    if len(facts) != len(subjects):
+        raise FileNotFoundError(f"not every subject has a {args.relation!r} fact in the world: {subjects}")
+    if args.mode == "edit" and not args.new_answer:
+        raise FileNotFoundError("--mode edit needs --new-answer")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
+    model = load_model(args.model, device=args.device)
+    if args.components == "all":
+        mask = full_mask(model)
+    else:
+        comps = [(c.split(":")[0], int(c.split(":")[1])) for c in args.components.split(",")]
+        mask = component_mask(model, comps, label=args.components)
+    prompts = world.prompts(facts=facts)
+    answers = [p.answer for p in prompts] if args.mode == "unlearn" else [args.new_answer] * len(prompts)
+    others = [f for f in world.facts if f not in facts]
+    maintain = [(p.text, p.answer) for p in world.prompts(facts=others)]
+    localized_finetune(model, mask, [p.text for p in prompts], answers, mode="unlearn" if args.mode == "unlearn"
+                       else "learn", maintain=maintain, lm_texts=world.filler, steps=args.steps, lr=args.lr,
+                       seed=args.seed, progress=not args.no_progress)
+    info = {"mode": args.mode, "relation": args.relation, "subjects": subjects, "new_answer": args.new_answer,
+            "mask": mask.to_json(), "steps": args.steps, "lr": args.lr, "seed": args.seed, "base_model": args.model,
+            "edited_accuracy": cloze_accuracy(model, prompts), "other_accuracy": cloze_accuracy(
+                model, world.prompts(facts=others))}
+    save_model(model, args.out, extra_files={"edit.json": info, "world.json": world.to_json()})
+    print(json.dumps({k: v for k, v in info.items() if k != "mask"} | {"n_params": mask.n_params}))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from mechun.reproduce import reproduce
 
@@ -249,9 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", help="write the JSON here too")
     lo.set_defaults(func=_cmd_localize)
 
+    ed = sub.add_parser("edit", help="unlearn or edit organism facts by fine-tuning only chosen components")
+    ed.add_argument("--model", required=True)
+    ed.add_argument("--relation", required=True, help="e.g. sport")
+    ed.add_argument("--subjects", required=True, help="subjects, separated by ';'")
+    ed.add_argument("--mode", choices=["unlearn", "edit"], default="unlearn")
+    ed.add_argument("--new-answer", help="edit: the new attribute")
+    ed.add_argument("--components", default="mlp:1", help="e.g. mlp:1,attn:2, or 'all' (nonlocalized)")
+    ed.add_argument("--steps", type=int, default=100)
+    ed.add_argument("--lr", type=float, default=1e-3)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--world", help="world.json (default: the one in --model)")
+    ed.add_argument("--device", default=None)
+    ed.add_argument("--out", required=True)
+    ed.add_argument("--no-progress", action="store_true")
+    ed.set_defaults(func=_cmd_edit)
+
     rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
-    rp.add_argument("analysis", choices=["rmu-shallow", "organism"],
+    rp.add_argument("analysis", choices=["rmu-shallow", "localized-editing", "organism"],
                     help="rmu-shallow: RMU junk-direction diagnosis and recovery (the main job); "
+                         "localized-editing: localize fact recall and unlearn with masked fine-tuning; "
                          "organism: train the small organism and evaluate it")
     rp.add_argument("--out", required=True)
     rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mechun.errors import MechunError
 
-ANALYSES = {"organism": "analyses.organism_baseline", "rmu-shallow": "analyses.rmu_shallowness"}
+ANALYSES = {"organism": "analyses.organism_baseline", "rmu-shallow": "analyses.rmu_shallowness",
+            "localized-editing": "analyses.localized_editing"}
 
 
 def reproduce(name: str, out: Path, quick: bool = False, seed: int = 0) -> Path:

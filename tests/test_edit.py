@@ -85,3 +85,20 @@ def test_probe_layers_runs_and_fits(tiny_model, tiny_world):
     assert len(res.test_accuracy) == tiny_model.cfg.n_layers and res.n_test == 3 * len(rel.train_templates)
     assert max(res.train_accuracy) == 1.0  # the training subjects are separable at some layer
     assert len(res.lookup_layers(2)) == 2
+
+
+def test_cli_edit(tiny_organism_dir, tiny_world, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    fact = tiny_world.facts_of(relation="sport")[0]
+    new = next(v for v in ("golf", "tennis") if v != fact.answer)
+    out = json.loads(run_cli("edit", "--model", str(tiny_organism_dir), "--relation", "sport", "--subjects",
+                             fact.subject, "--mode", "edit", "--new-answer", new, "--components", "mlp:1",
+                             "--steps", "60", "--lr", "3e-3", "--out", str(tmp_path / "e"), "--no-progress").stdout)
+    assert out["edited_accuracy"] == 0.0 and out["other_accuracy"] > 0.85  # the old answer is gone, others kept
+    edited = mechun.load_model(tmp_path / "e", device="cpu")
+    world = mechun.World.load(tmp_path / "e")
+    prompts = [p.text for p in world.prompts(facts=[fact])]
+    assert mechun.answer_correct(edited, prompts, [new] * len(prompts)).float().mean() > 0.5
