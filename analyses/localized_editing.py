@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+import torch
 
 from mechun.edit import component_mask, full_mask, localized_finetune, mask_from_scores, random_mask
 from mechun.evaluate import cloze_accuracy, mcq_accuracy
@@ -33,6 +34,8 @@ from mechun.localize import (
     logit_diff_metric,
     probe_layers,
     subject_positions,
+    subject_token_features,
+    train_linear_probe,
 )
 from mechun.models import load_model, n_layers
 from mechun.organism.train import ensure_organism
@@ -40,7 +43,28 @@ from mechun.organism.world import World, relation
 from mechun.report import table, write_report
 
 RELATION = "sport"
-METRICS = ("forget_standard", "forget_paraphrase", "forget_mcq", "retain", "relearned_heldout")
+METRICS = ("forget_standard", "forget_paraphrase", "forget_mcq", "retain", "relearned_heldout", "probe_forget")
+
+
+def base_probes(model: Any, facts: list) -> tuple[list, Any]:
+    """Per-layer probes trained on the base model for every fact of the relation (train templates)."""
+    rel = relation(RELATION)
+    prompts = [t.format(s=f.subject) for f in facts for t in rel.train_templates]
+    subjects = [f.subject for f in facts for _ in rel.train_templates]
+    y = torch.tensor([rel.values.index(f.answer) for f in facts for _ in rel.train_templates])
+    feats = subject_token_features(model, prompts, subjects)
+    return [train_linear_probe(feats[layer], y, len(rel.values)) for layer in range(feats.shape[0])], rel
+
+
+def probe_forget_accuracy(model: Any, probes: list, rel: Any, forget: list) -> float:
+    """Representation check: the base model's probe at the *last* layer (downstream of every edited component)
+    applied to the edited model's subject token on the forgotten facts. High = the attribute is still linearly
+    readable where the base model kept it. (Earlier layers upstream of an edit are unchanged by construction.)"""
+    prompts = [t.format(s=f.subject) for f in forget for t in rel.train_templates]
+    subjects = [f.subject for f in forget for _ in rel.train_templates]
+    y = torch.tensor([rel.values.index(f.answer) for f in forget for _ in rel.train_templates])
+    feats = subject_token_features(model, prompts, subjects)
+    return float((probes[-1](feats[-1]) == y).float().mean())
 
 
 def localize_all(model: Any, world: World, facts: list, n: int = 6, seed: int = 0) -> dict[str, Any]:
@@ -108,6 +132,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             "nonlocalized": full_mask(base),
         }
 
+    probes, rel = base_probes(base, facts)
     seeds = [seed, seed + 1, seed + 2]
     steps, relearn_steps = (60, 20) if quick else (120, 40)
     per: dict[str, list[dict]] = {}
@@ -125,6 +150,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             localized_finetune(model, mask, [p.text for p in forget_prompts], [p.answer for p in forget_prompts],
                                mode="unlearn", maintain=maintain, lm_texts=world.filler, steps=steps, lr=1e-3, seed=s)
             row = _eval(model, world, forget, retain_prompts)
+            row["probe_forget"] = probe_forget_accuracy(model, probes, rel, forget)
             half, other = forget[: len(forget) // 2], forget[len(forget) // 2:]
             relearn = world.prompts(facts=half)
             localized_finetune(model, full_mask(model), [p.text for p in relearn], [p.answer for p in relearn],
@@ -180,7 +206,12 @@ def _blocks(r: dict, loc: dict) -> list:
              **{m: f"{r['summary'][n][m]:.2f} ± {r['summary'][n][m + '_std']:.2f}" for m in METRICS}} for n in names]
     return [f"<p class='verdict'>{r['verdict']}</p>",
             "<p>Lower is better for the forget columns and for <b>relearned_heldout</b> (accuracy on forgotten facts "
-            "that were <i>not</i> relearned, after fine-tuning on the others); higher is better for retain.</p>",
+            "that were <i>not</i> relearned, after fine-tuning on the others); higher is better for retain. "
+            "<b>probe_forget</b>: a probe trained on the base model's last layer, applied to the edited model's "
+            "subject tokens of the forgotten facts: the attribute is still readable where it was.</p>"
+            f"<p>Held-out-subject probe accuracy by layer on the base model (the fact-lookup signal): "
+            f"{[round(x, 2) for x in r['probe_test_accuracy']]}. Where it stays at or below chance, the organism has "
+            "too few subjects per relation for a probe to generalise, and the fact-lookup mask is not informative.</p>",
             table(rows), bars,
             ("h2", "Causal tracing (one prompt; indirect effect of restoring each layer x token)")]\
         + [_heat(tr, f"causal tracing: {k}") for k, tr in loc["traces"].items()]\

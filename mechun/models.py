@@ -198,13 +198,24 @@ def save_model(model: Any, out_dir: str | os.PathLike, extra_files: dict[str, An
         model.tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary dir into place, with ordinary permissions (mkdtemp makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

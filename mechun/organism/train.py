@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
+from mechun.models import publish_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import World
 
@@ -135,9 +136,7 @@ def train_organism(
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
                 "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
