@@ -132,3 +132,19 @@ def test_cli_localize_patching_json(tiny_organism_dir, pair, tmp_path):
     assert len(out["scores"][0]) == len(out["tokens"])
     proc = run_cli("localize", "--model", str(tiny_organism_dir), "--method", "causal-tracing", check=False)
     assert proc.returncode == 2 and "--prompt" in proc.stderr
+
+
+def test_per_head_patching_equals_transformer_lens(tiny_model, pair):
+    from mechun.localize import activation_patching_heads
+
+    clean, corrupt, ans, wrong = pair
+    metric = logit_diff_metric(tiny_model, ans, wrong)
+    ours = activation_patching_heads(tiny_model, clean, corrupt, metric, batch_size=50)
+    ids_c, _ = mechun.tokenize(tiny_model, [clean])
+    ids_x, _ = mechun.tokenize(tiny_model, [corrupt])
+    _, clean_cache = tiny_model.run_with_cache(ids_c)
+    theirs = patching.get_act_patch_attn_head_out_by_pos(tiny_model, ids_x, clean_cache,
+                                                         lambda logits: metric(logits)[0])
+    assert ours.scores.shape == theirs.shape == (tiny_model.cfg.n_layers, ids_c.shape[1], tiny_model.cfg.n_heads)
+    assert (ours.scores - theirs.cpu()).abs().max() < 1e-4
+    assert ours.by_head().shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
