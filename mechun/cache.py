@@ -18,7 +18,6 @@ prompt and position each came from).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
 from mechun.hooks import FAST_KINDS, StopForward, bare_layer_hooks, hooks
+from mechun.io import load_tensors, save_tensors
 from mechun.models import (
     check_layer,
     check_same_model,
@@ -84,38 +83,21 @@ class ResidualCache:
         check_same_model(model, self.fingerprint, "this cache")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tensors = {"acts": self.acts.contiguous()}
+        tensors = {"acts": self.acts}
         if self.mask is not None:
-            tensors["mask"] = self.mask.contiguous()
+            tensors["mask"] = self.mask
         if self.index is not None:
-            tensors["index"] = self.index.contiguous()
+            tensors["index"] = self.index
         header = {"format": _FORMAT, "layers": self.layers, "hook_names": self.hook_names,
                   "fingerprint": self.fingerprint, "positions": self.positions, "prompts": self.prompts,
                   "meta": self.meta}
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"mechun": json.dumps(header)})
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_tensors(path, tensors, "mechun", header)
 
     @classmethod
     def load(cls, path: str | Path) -> ResidualCache:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no cache file at {path}")
-        with safe_open(path, "pt") as f:
-            meta = (f.metadata() or {}).get("mechun")
-        if meta is None:
-            raise MechunError(f"{path} is a safetensors file but not a mechun ResidualCache (no header)")
-        header = json.loads(meta)
+        t, header = load_tensors(path, "mechun", "ResidualCache")
         if header.get("format") != _FORMAT:
             raise MechunError(f"{path} has cache format {header.get('format')!r}; this mechun reads {_FORMAT}")
-        t = load_file(path)
         return cls(acts=t["acts"], layers=header["layers"], hook_names=header["hook_names"],
                    fingerprint=header["fingerprint"], positions=header["positions"], prompts=header["prompts"],
                    mask=t.get("mask"), index=t.get("index"), meta=header.get("meta", {}))

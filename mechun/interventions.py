@@ -16,7 +16,6 @@ the padded sequence, or a boolean ``batch pos`` mask.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechun.errors import MechunError
 from mechun.hooks import hooks
+from mechun.io import load_tensors, save_tensors
 from mechun.models import check_layer, check_same_model, d_model, hook_name, n_layers
 
 
@@ -43,27 +42,13 @@ class Direction:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
         header = {"fingerprint": self.fingerprint, "layer": self.layer, "meta": self.meta}
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            save_file({"vector": self.vector.detach().cpu().contiguous()}, tmp,
-                      metadata={"mechun.Direction": json.dumps(header)})
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_tensors(path, {"vector": self.vector}, "mechun.Direction", header)
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("mechun.Direction")
-        if raw is None:
-            raise MechunError(f"{path} is not a mechun Direction file")
-        h = json.loads(raw)
-        return cls(load_file(str(path))["vector"], h["fingerprint"], h["layer"], h["meta"])
+        t, h = load_tensors(path, "mechun.Direction", "Direction")
+        return cls(t["vector"], h["fingerprint"], h["layer"], h["meta"])
 
 
 DirectionLike = Tensor | Direction
