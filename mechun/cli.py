@@ -192,6 +192,44 @@ def _cmd_edit(args) -> int:
     return 0
 
 
+def _cmd_sae_train(args) -> int:
+    from mechun.models import load_model
+    from mechun.organism.train import mcq_orders_trained
+    from mechun.organism.world import World
+    from mechun.sae import save_sae, train_sae
+
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
+    world = World.load(args.world or args.model)
+    model = load_model(args.model, device=args.device)
+    sae = train_sae(model, world.training_texts(mcq_orders_trained(args.model)), layer=args.layer,
+                    architecture=args.architecture, d_sae=args.d_sae, k=args.k, training_tokens=args.tokens,
+                    seed=args.seed)
+    save_sae(sae, args.out)
+    print(json.dumps({"out": args.out, "layer": args.layer, "architecture": args.architecture, "d_sae": args.d_sae}))
+    return 0
+
+
+def _cmd_sae_unlearn(args) -> int:
+    from mechun.evaluate import evaluate_world
+    from mechun.models import load_model
+    from mechun.organism.train import mcq_orders_trained
+    from mechun.organism.world import World
+    from mechun.sae import feature_stats, load_sae, sae_intervention, select_features
+
+    world = World.load(args.world or args.model)
+    model = load_model(args.model, device=args.device)
+    sae = load_sae(args.sae)
+    forget, retain = world.corpora([args.forget], mcq_per_fact=mcq_orders_trained(args.model))
+    feats = select_features(feature_stats(model, sae, forget[args.forget]), feature_stats(model, sae, retain),
+                            retain_threshold=args.threshold, n=args.n)
+    before = evaluate_world(model, world)
+    with sae_intervention(model, sae, feats, mode=args.mode, value=args.value):
+        after = evaluate_world(model, world)
+    print(json.dumps({"features": feats, "mode": args.mode, "value": args.value, "before": before, "after": after}))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from mechun.reproduce import reproduce
 
@@ -302,10 +340,37 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--no-progress", action="store_true")
     ed.set_defaults(func=_cmd_edit)
 
+    sae = sub.add_parser("sae", help="sparse autoencoders: train one with sae-lens, unlearn by feature clamping")
+    sae_sub = sae.add_subparsers(dest="sae_command", required=True)
+    st = sae_sub.add_parser("train", help="train an SAE on blocks.{layer}.hook_resid_post (offline) and save it")
+    st.add_argument("--model", required=True)
+    st.add_argument("--layer", type=int, required=True)
+    st.add_argument("--architecture", choices=["standard", "topk"], default="standard")
+    st.add_argument("--d-sae", type=int, default=512)
+    st.add_argument("--k", type=int, default=16, help="topk: active features per token")
+    st.add_argument("--tokens", type=int, default=80_000, help="training tokens")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--world", help="world.json (default: the one in --model)")
+    st.add_argument("--device", default=None)
+    st.add_argument("--out", required=True)
+    st.set_defaults(func=_cmd_sae_train)
+    su = sae_sub.add_parser("unlearn", help="select forget features (SAEBench rule) and measure the intervention")
+    su.add_argument("--model", required=True)
+    su.add_argument("--sae", required=True, help="SAE dir written by `mechun sae train` (or any sae-lens dir)")
+    su.add_argument("--forget", required=True, help="forget domain, e.g. pathogen")
+    su.add_argument("--threshold", type=float, default=0.01, help="max activation frequency on retain text")
+    su.add_argument("--n", type=int, default=10, help="number of features")
+    su.add_argument("--mode", choices=["clamp", "scale", "zero"], default="clamp")
+    su.add_argument("--value", type=float, default=50.0, help="clamp: -m; scale: -k")
+    su.add_argument("--world", help="world.json (default: the one in --model)")
+    su.add_argument("--device", default=None)
+    su.set_defaults(func=_cmd_sae_unlearn)
+
     rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
-    rp.add_argument("analysis", choices=["rmu-shallow", "localized-editing", "organism"],
+    rp.add_argument("analysis", choices=["rmu-shallow", "localized-editing", "sae-unlearning", "organism"],
                     help="rmu-shallow: RMU junk-direction diagnosis and recovery (the main job); "
                          "localized-editing: localize fact recall and unlearn with masked fine-tuning; "
+                         "sae-unlearning: SAE feature clamping vs zero-ablation vs RMU; "
                          "organism: train the small organism and evaluate it")
     rp.add_argument("--out", required=True)
     rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")

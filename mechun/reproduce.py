@@ -8,7 +8,7 @@ from pathlib import Path
 from mechun.errors import MechunError
 
 ANALYSES = {"organism": "analyses.organism_baseline", "rmu-shallow": "analyses.rmu_shallowness",
-            "localized-editing": "analyses.localized_editing"}
+            "localized-editing": "analyses.localized_editing", "sae-unlearning": "analyses.sae_unlearning"}
 
 
 def reproduce(name: str, out: Path, quick: bool = False, seed: int = 0) -> Path:

@@ -96,3 +96,26 @@ def test_save_load_and_no_leaks(sae, tiny_model, tmp_path):
     with pytest.raises(MechunError, match="mode"):
         with sae_intervention(tiny_model, back, [1], mode="negate"):
             pass
+
+
+def test_cli_sae_train_and_unlearn(tiny_organism_dir, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    run_cli("sae", "train", "--model", str(tiny_organism_dir), "--layer", "1", "--d-sae", "128", "--tokens", "20000",
+            "--out", str(tmp_path / "sae"))
+    out = json.loads(run_cli("sae", "unlearn", "--model", str(tiny_organism_dir), "--sae", str(tmp_path / "sae"),
+                             "--forget", "pathogen", "--threshold", "0.05", "--n", "5", "--value", "50").stdout)
+    assert 0 < len(out["features"]) <= 5
+    assert set(out["before"]) == set(out["after"]) == {"pathogen", "cyber", "sports", "people"}
+
+
+def test_topk_sae_trains(tiny_model, tiny_world):
+    sae = train_sae(tiny_model, tiny_world.training_texts(2), layer=0, architecture="topk", d_sae=64, k=4,
+                    training_tokens=8_000, seed=1)
+    with torch.no_grad():
+        f = sae.encode(torch.randn(5, tiny_model.cfg.d_model))
+    assert ((f != 0).sum(-1) <= 4).all()
+    with pytest.raises(MechunError, match="architecture"):
+        train_sae(tiny_model, tiny_world.training_texts(2), layer=0, architecture="gated")
