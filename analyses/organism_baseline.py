@@ -6,7 +6,6 @@ Writes ``DIR/organism/`` (the checkpoint), ``DIR/results.json`` and ``DIR/report
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mechun.organism.world import DOMAINS, World
 from mechun.report import table, write_report
 
 
-def run(out: Path, quick: bool = False, seed: int = 0) -> dict:
+def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     preset = "tiny" if quick else "small"
@@ -48,9 +47,6 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print(json.dumps(run(a.out, a.quick, a.seed)["accuracy"], indent=1))
+    from analyses.common import script_main
+
+    script_main(run, __doc__)

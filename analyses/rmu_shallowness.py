@@ -15,12 +15,10 @@ Writes ``DIR/results.json``, ``DIR/report.html`` and the checkpoints (``DIR/orga
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import statistics
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -275,9 +273,6 @@ def report_blocks(r: dict) -> list:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print(run(a.out, a.quick, a.seed, log=lambda m: print(m, file=sys.stderr))["verdict"])
+    from analyses.common import script_main
+
+    script_main(run, __doc__)

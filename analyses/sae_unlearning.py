@@ -12,7 +12,6 @@ Run as ``mechun reproduce sae-unlearning --out DIR [--quick] [--seed N]``. Write
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from dataclasses import replace
@@ -180,9 +179,6 @@ def _blocks(r: dict) -> list:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print(run(a.out, a.quick, a.seed)["verdict"])
+    from analyses.common import script_main
+
+    script_main(run, __doc__)
