@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def script_main(run: Callable[..., dict], doc: str | None) -> None:
@@ -16,3 +17,17 @@ def script_main(run: Callable[..., dict], doc: str | None) -> None:
     a = ap.parse_args()
     results = run(a.out, quick=a.quick, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
     print(results.get("verdict", f"wrote {a.out}/results.json"))
+
+
+def setup(out: str | Path, quick: bool, seed: int, organism: str | Path | None) -> tuple[Path, Path, Any, Any]:
+    """The output dir (created), the organism checkpoint (``organism`` if given, else trained or reused in
+    ``out/organism``: tiny with ``quick``, small otherwise), its world and the base model."""
+    from mechun.models import load_model
+    from mechun.organism.train import ensure_organism
+    from mechun.organism.world import World
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(organism) if organism is not None else ensure_organism(out / "organism", "tiny" if quick else "small",
+                                                                      seed)
+    return out, ckpt, World.load(ckpt), load_model(ckpt, device="cpu")

@@ -24,6 +24,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+from analyses.common import setup
 from mechun.edit import component_mask, full_mask, localized_finetune, mask_from_scores, random_mask
 from mechun.evaluate import cloze_accuracy, mcq_accuracy
 from mechun.localize import (
@@ -37,7 +38,6 @@ from mechun.localize import (
     train_linear_probe,
 )
 from mechun.models import load_model, n_layers
-from mechun.organism.train import ensure_organism
 from mechun.organism.world import World, relation
 from mechun.report import table, write_report
 
@@ -106,11 +106,7 @@ def _eval(model: Any, world: World, forget: list, retain_prompts: list) -> dict[
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(organism) if organism else ensure_organism(out / "organism", "tiny" if quick else "small", seed)
-    world = World.load(ckpt)
-    base = load_model(ckpt, device="cpu")
+    out, ckpt, world, base = setup(out, quick, seed, organism)
     L = n_layers(base)
     facts = world.facts_of(relation=RELATION)
     loc = localize_all(base, world, facts, n=3 if quick else 6, seed=seed)

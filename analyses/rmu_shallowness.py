@@ -26,9 +26,10 @@ from typing import Any
 import plotly.graph_objects as go
 
 import mechun
+from analyses.common import setup
 from mechun.evaluate import FORMATS, chance_accuracy, continuation_nll, evaluate_world, next_token_entropy
 from mechun.models import load_model, n_layers
-from mechun.organism.train import ensure_organism, mcq_orders_trained
+from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import DOMAINS, World
 from mechun.report import table, write_report
 from mechun.rmu import (
@@ -98,10 +99,8 @@ def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: b
         row.update(
             norm_ratio_forget=diag.norm_ratio_forget, norm_ratio_retain=diag.norm_ratio_retain,
             cos=diag.cos_with_steering, explained=diag.explained,
-            coherence={"base": continuation_nll(base, base, forget_prompts),
-                       "unlearned": continuation_nll(model, base, forget_prompts), "ablated": coh_ablated},
-            entropy={"base": next_token_entropy(base, forget_prompts),
-                     "unlearned": next_token_entropy(model, forget_prompts), "ablated": ent_ablated},
+            coherence={"unlearned": continuation_nll(model, base, forget_prompts), "ablated": coh_ablated},
+            entropy={"unlearned": next_token_entropy(model, forget_prompts), "ablated": ent_ablated},
         )
         if out is not None:
             ckpt_out = out / f"rmu_seed{cfg.seed}"
@@ -117,13 +116,12 @@ def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: b
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None,
         sweep: bool = True) -> dict:
     """The whole analysis. ``organism`` reuses an existing checkpoint dir; ``sweep=False`` skips the depth sweep."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, ckpt, world, base = setup(out, quick, seed, organism)
     preset = "tiny" if quick else "small"
-    ckpt = Path(organism) if organism is not None else ensure_organism(out / "organism", preset=preset, seed=seed)
-    world = World.load(ckpt)
-    base = load_model(ckpt, device="cpu")
     base_acc = evaluate_world(base, world)
+    forget_prompts = [p.text for p in world.prompts(FORGET)]
+    base_coherence = continuation_nll(base, base, forget_prompts)  # the same for every seed: computed once
+    base_entropy = next_token_entropy(base, forget_prompts)
     seeds = [seed, seed + 1, seed + 2]
     main, sweep_settings = settings(quick, n_layers(base))
     if not sweep:
@@ -137,6 +135,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             f"{rows[-1]['accuracy']['ablated'][FORGET]['train']:.2f}")
     for r in rows:
         r["accuracy"]["base"] = base_acc
+        r["coherence"]["base"], r["entropy"]["base"] = base_coherence, base_entropy
 
     def agg(fn) -> tuple[float, float]:
         return _mean_std([fn(r) for r in rows])

@@ -20,10 +20,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from analyses.common import setup
 from analyses.rmu_shallowness import settings as rmu_settings
 from mechun.evaluate import FORMATS, continuation_nll, evaluate_world
 from mechun.models import load_model, n_layers
-from mechun.organism.train import ensure_organism, mcq_orders_trained
+from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import DOMAINS, World
 from mechun.report import table, write_report
 from mechun.rmu import rmu_unlearn
@@ -67,18 +68,18 @@ def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dic
     for kind in KINDS:
         ok = [r for r in rows if r["kind"] == kind and r["retain"] >= 0.99 * _retain(base_acc)]
         best[kind] = min(ok, key=lambda r: r["forget"]["train"]) if ok else None
+    model = load_model(ckpt, device="cpu")  # an un-hooked copy: the coherence judge, then RMU's model
     coherence = None
     if best["clamp"] is not None:
         b = best["clamp"]
         with sae_intervention(base, sae, b["features"], mode="clamp", value=b["value"]):
-            coherence = continuation_nll(base, load_model(ckpt, device="cpu"),
+            coherence = continuation_nll(base, model,
                                          [p.text for p in world.prompts(FORGET)])
     cards = [{"feature": i, "forget_freq": float(f_stats.frequency[i]), "retain_freq": float(r_stats.frequency[i]),
               "top": top_activating(base, sae, [p.text for p in world.prompts(FORGET)], i, k=3)}
              for i in (best["clamp"] or {"features": []})["features"][:4]]
     # RMU on the same organism and domain, same seed
     main, _ = rmu_settings(quick, n_layers(base))
-    model = load_model(ckpt, device="cpu")
     rmu_unlearn(model, base, forget_texts, retain_texts, replace(main, seed=seed), progress=False)
     rmu_acc = evaluate_world(model, world)
     return {"seed": seed, "layer": layer, "rows": rows, "best": best, "base": base_acc, "cards": cards,
@@ -87,11 +88,7 @@ def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dic
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(organism) if organism else ensure_organism(out / "organism", "tiny" if quick else "small", seed)
-    world = World.load(ckpt)
-    base = load_model(ckpt, device="cpu")
+    out, ckpt, world, base = setup(out, quick, seed, organism)
     seeds = [seed, seed + 1, seed + 2]
     per = []
     for s in seeds:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import organism_dir
 from transformers import AutoModelForCausalLM
 
 import mechun
-from mechun.organism.train import train_organism
 
 
 def best_time(fn, inner: int) -> float:
@@ -42,10 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = None
-    if args.model is None:
-        tmp = tempfile.TemporaryDirectory()
-        args.model = str(train_organism(os.path.join(tmp.name, "org"), "tiny", seed=0, progress=False))
+    args.model, tmp = organism_dir(args.model)
     model = mechun.load_model(args.model, device="cpu")
     bare = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
     world = mechun.World.load(args.model)

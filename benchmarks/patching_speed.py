@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import organism_dir
 from transformer_lens import patching
 
 import mechun
 from mechun.localize import activation_patching, logit_diff_metric
-from mechun.organism.train import train_organism
 
 
 def main() -> None:
@@ -30,10 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = None
-    if args.model is None:
-        tmp = tempfile.TemporaryDirectory()
-        args.model = str(train_organism(os.path.join(tmp.name, "org"), "tiny", seed=0, progress=False))
+    args.model, tmp = organism_dir(args.model)
     model = mechun.load_model(args.model, device="cpu")
     world = mechun.World.load(args.model)
     facts = world.facts_of(relation="transmission")

@@ -85,9 +85,8 @@ def _cmd_rmu(args) -> int:
     model, frozen = load_model(args.model, device=args.device), load_model(args.model, device=args.device)
     forget_texts, retain = world.corpora(forget, mcq_per_fact=mcq_orders_trained(args.model))
     res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
-    save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]})
-    (Path(args.out) / "world.json").write_text((Path(args.world or args.model) / "world.json").read_text()
-                                              if not args.world else Path(args.world).read_text())
+    save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]},
+                   files={"world.json": world.to_json()})
     print(json.dumps({"out": args.out, "config": dataclasses.asdict(res.config), "final_loss": res.losses[-1]}))
     return 0
 
@@ -238,6 +237,16 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _job_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--seed, --world, --device, --out (and --no-progress): shared by the commands that run a job on a model."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", help="world.json (default: the one in --model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    if progress:
+        p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mechun", description="Mechanistic study of unlearning and editing in LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,11 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--lr", type=float, default=1e-3)
     rm.add_argument("--steps", type=int, default=200)
     rm.add_argument("--batch-size", type=int, default=16)
-    rm.add_argument("--seed", type=int, default=0)
-    rm.add_argument("--world", help="world.json (default: the one in --model)")
-    rm.add_argument("--device", default=None)
-    rm.add_argument("--out", required=True)
-    rm.add_argument("--no-progress", action="store_true")
+    _job_args(rm)
     rm.set_defaults(func=_cmd_rmu)
 
     jk = sub.add_parser("junk", help="junk-direction diagnosis and recovery for a (base, unlearned) pair")
@@ -333,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--components", default="mlp:1", help="e.g. mlp:1,attn:2, or 'all' (nonlocalized)")
     ed.add_argument("--steps", type=int, default=100)
     ed.add_argument("--lr", type=float, default=1e-3)
-    ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--world", help="world.json (default: the one in --model)")
-    ed.add_argument("--device", default=None)
-    ed.add_argument("--out", required=True)
-    ed.add_argument("--no-progress", action="store_true")
+    _job_args(ed)
     ed.set_defaults(func=_cmd_edit)
 
     sae = sub.add_parser("sae", help="sparse autoencoders: train one with sae-lens, unlearn by feature clamping")
@@ -349,10 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--d-sae", type=int, default=512)
     st.add_argument("--k", type=int, default=16, help="topk: active features per token")
     st.add_argument("--tokens", type=int, default=80_000, help="training tokens")
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--world", help="world.json (default: the one in --model)")
-    st.add_argument("--device", default=None)
-    st.add_argument("--out", required=True)
+    _job_args(st, progress=False)
     st.set_defaults(func=_cmd_sae_train)
     su = sae_sub.add_parser("unlearn", help="select forget features (SAEBench rule) and measure the intervention")
     su.add_argument("--model", required=True)

@@ -188,13 +188,14 @@ def attribution_patching(
         keys = list(saved)
         grads = torch.autograd.grad(out, [saved[k] for k in keys])
     corrupt_value = float(out.detach())
+    clean_value = float(_run_metric(model, ids_c, metric)[0])
     result = {}
     for h in hooks_:
         scores = torch.stack([
             ((clean_acts[h][layer] - saved[(h, layer)][0].detach()) * grads[keys.index((h, layer))][0]).sum(-1)
             for layer in range(L)]).float().cpu()
         result[h] = PatchingResult(scores, h, model.tokenizer.convert_ids_to_tokens(ids_c[0]),
-                                   float(_run_metric(model, ids_c, metric)[0]), corrupt_value, list(range(L)))
+                                   clean_value, corrupt_value, list(range(L)))
     return result
 
 

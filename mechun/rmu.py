@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,10 +191,11 @@ def rmu_unlearn(
     return result
 
 
-def save_unlearned(model: Any, result: RMUResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Save the unlearned model as a local HF checkpoint dir with ``rmu.json`` (hyper-parameters, steering vectors)."""
-    files = {"rmu.json": {**result.to_json(), **(extra or {})}}
-    return save_model(model, out_dir, extra_files=files)
+def save_unlearned(model: Any, result: RMUResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
+                   files: Mapping[str, Any] | None = None) -> Path:
+    """Save the unlearned model as a local HF checkpoint dir with ``rmu.json`` (hyper-parameters, steering vectors,
+    ``extra``) and any other JSON ``files`` (e.g. ``world.json``), all written atomically together."""
+    return save_model(model, out_dir, extra_files={"rmu.json": {**result.to_json(), **(extra or {})}, **(files or {})})
 
 
 def load_steering(model_dir: str | Path) -> dict[str, Tensor]:
@@ -297,5 +298,3 @@ def recovery_fraction(base: float, unlearned: float, ablated: float) -> float:
     gap = base - unlearned
     return float("nan") if abs(gap) < 1e-9 else (ablated - unlearned) / gap
 
-
-EvalFn = Callable[[Any], dict[str, float]]
