@@ -3,7 +3,8 @@
     mechun organism train --preset tiny|small --seed N --out DIR
     mechun eval --model DIR [--json]
     mechun cache --model DIR --prompts FILE [--layers 0,1,2] [--positions last|all] --out F.safetensors
-    mechun reproduce organism --out DIR [--quick] [--seed N]
+    mechun depth --base DIR --unlearned DIR --forget DOMAIN --out OUT
+    mechun reproduce rmu-shallow|depth|... --out DIR [--quick] [--seed N]
 
 Progress goes to stderr; with ``--json`` stdout holds exactly one JSON object.
 """
@@ -229,6 +230,36 @@ def _cmd_sae_unlearn(args) -> int:
     return 0
 
 
+def _cmd_depth(args) -> int:
+    from dataclasses import replace
+
+    from mechun.depth import DepthConfig, depth_card, write_card
+    from mechun.models import load_model
+    from mechun.organism.world import World
+    from mechun.rmu import load_steering
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    world = World.load(args.world or args.base)
+    base = load_model(args.base, device=args.device)
+    unlearned = load_model(args.unlearned, device=args.device)
+    steering = None
+    if (Path(args.unlearned) / "rmu.json").is_file():
+        steering = load_steering(args.unlearned).get(args.forget)
+    cfg = DepthConfig(seed=args.seed, junk_layer=args.layer)
+    if args.relearn_steps:
+        cfg = replace(cfg, relearn_steps=tuple(int(x) for x in args.relearn_steps.split(",")))
+    log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
+    card = depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
+                      relearn_copy=lambda: load_model(args.unlearned, device=args.device), steering=steering,
+                      config=cfg, log=log)
+    card["models"] = {"base": str(args.base), "unlearned": str(args.unlearned)}
+    write_card(card, out)
+    print(json.dumps({"out": str(out), "verdict": card["verdict"]["line"]}))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from mechun.reproduce import reproduce
 
@@ -364,11 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--device", default=None)
     su.set_defaults(func=_cmd_sae_unlearn)
 
+    de = sub.add_parser("depth", help="unlearning depth card for a (base, unlearned) pair: removed or hidden?")
+    de.add_argument("--base", required=True, help="base checkpoint dir (an organism: its world.json is used)")
+    de.add_argument("--unlearned", required=True, help="unlearned checkpoint dir, made by any method")
+    de.add_argument("--forget", required=True, help="the forgotten domain, e.g. pathogen")
+    de.add_argument("--method", help="label for the report (default: the unlearned dir's name)")
+    de.add_argument("--layer", type=int, default=None,
+                    help="layer of the junk direction (default: where the forget norm ratio peaks)")
+    de.add_argument("--relearn-steps", help="comma-separated relearning checkpoints (default 0,5,10,20,40)")
+    _job_args(de)
+    de.set_defaults(func=_cmd_depth)
+
     rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
-    rp.add_argument("analysis", choices=["rmu-shallow", "localized-editing", "sae-unlearning", "organism"],
+    rp.add_argument("analysis", choices=["rmu-shallow", "depth", "edit-specificity", "restore", "localized-editing",
+                                         "sae-unlearning", "organism"],
                     help="rmu-shallow: RMU junk-direction diagnosis and recovery (the main job); "
                          "localized-editing: localize fact recall and unlearn with masked fine-tuning; "
                          "sae-unlearning: SAE feature clamping vs zero-ablation vs RMU; "
+                         "depth: depth cards for RMU and localized fine-tuning over 3 seeds; "
+                         "edit-specificity: CounterFact+ static vs dynamic neighbourhood scores of localized edits; "
+                         "restore: corrupt-then-unlearn (RESTOR), does unlearning restore the true facts? "
                          "organism: train the small organism and evaluate it")
     rp.add_argument("--out", required=True)
     rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")

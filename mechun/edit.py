@@ -6,8 +6,10 @@ parameters are trained. Baselines: random components of the same count, all MLPs
 
 :func:`localized_finetune` trains the masked parameters with
 
-* ``mode="unlearn"``: ``-log(1 - p(answer))`` on the forget prompts (push the fact's probability down), or
-  ``mode="learn"``: cross-entropy towards the given answers (an *edit* with new answers, or relearning);
+* ``mode="unlearn"``: ``-log(1 - p(answer))`` on the forget prompts (push the fact's probability down, bounded),
+  ``mode="ascent"``: gradient ascent on the answers' cross-entropy (``log p(answer)``, unbounded: the classic
+  baseline that tends to wreck the model), or ``mode="learn"``: cross-entropy towards the given answers (an *edit*
+  with new answers, or relearning);
 * a maintain loss (cross-entropy on other facts' true answers) and a general language-modelling loss on text.
 
 Every parameter outside the mask stays bit-identical (tested). Components are ``("mlp", layer)`` and
@@ -17,7 +19,7 @@ Every parameter outside the mask stays bit-identical (tested). Components are ``
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ from mechun.models import bare_forward_view, check_layer, model_device, n_layers
 
 Component = tuple[str, int]
 KINDS = ("mlp", "attn")
+MODES = ("unlearn", "ascent", "learn")
 
 
 def _submodule(layer_module: torch.nn.Module, kind: str) -> torch.nn.Module:
@@ -136,10 +139,13 @@ def localized_finetune(
     lm_weight: float = 1.0,
     seed: int = 0,
     progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train only ``mask``'s parameters (in place). Returns the loss history."""
-    if mode not in ("unlearn", "learn"):
-        raise MechunError(f"mode must be 'unlearn' or 'learn', got {mode!r}")
+    """Train only ``mask``'s parameters (in place). Returns the loss history.
+
+    ``on_step(k)`` is called after the k-th optimiser step (k = 1..steps), e.g. to measure a relearning curve."""
+    if mode not in MODES:
+        raise MechunError(f"mode must be one of {MODES}, got {mode!r}")
     if not prompts or len(prompts) != len(answers):
         raise MechunError("pass one answer per prompt, and at least one prompt")
     bare, _ = bare_forward_view(model)
@@ -163,6 +169,8 @@ def localized_finetune(
             logp = _answer_logprobs(bare, model, [prompts[i] for i in idx], [answers[i] for i in idx])
             if mode == "unlearn":
                 main = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).mean()
+            elif mode == "ascent":
+                main = logp.mean()
             else:
                 main = -logp.mean()
             loss, parts = main, {"main": main.item()}
@@ -179,6 +187,8 @@ def localized_finetune(
             loss.backward()
             opt.step()
             history.append(parts)
+            if on_step is not None:
+                on_step(len(history))
     finally:
         for p, flag in old.items():
             p.requires_grad_(flag)

@@ -7,22 +7,33 @@
 * **Multiple choice** (:func:`mcq_correct`): the prediction is the letter A-D with the highest logit at the last
   position, compared among the four letters only (chance is 0.25).
 
+* **MCQ over every option order** (:func:`mcq_permutation_scores`): all 24 orders of the four options; a question
+  counts as *robustly known* only if it is answered right in every order (:func:`robustly_known`), which removes the
+  letter-position luck that makes single-order MCQ accuracy noisy near chance.
+* **Specificity** (CounterFact+, Hoelscher-Obermaier et al. 2023): :func:`neighbourhood_scores` gives the
+  neighbourhood score (NS: the fraction of neighbourhood prompts on which the true object beats the edit's new
+  object) and magnitude (NM: the mean probability gap), *static* (the prompt alone) or *dynamic* (the edit
+  statement prepended); :func:`nkl` is KL(P_edited || P_unedited) of the next-token distribution at the last
+  prompt position.
+
 All forwards go through the hooked model, so any intervention context that is active (``project_out``,
-``add_direction``) is measured. Nothing here changes the model's weights.
+``add_direction``, SAE clamping) is measured. Nothing here changes the model's weights.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechun.errors import MechunError
+from mechun.errors import MechunError, ModelMismatchError
 from mechun.models import model_device, tokenize
-from mechun.organism.world import LETTERS, MCQ, Prompt, World
+from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES, Prompt, World
 
 
 def _forward_logits(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
@@ -39,16 +50,24 @@ def _join(prompt: str, answer: str) -> str:
     return f"{prompt} {answer}"
 
 
-@torch.inference_mode()
 def answer_scores(
     model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Teacher-forced exact match and summed log-probability of each answer after its prompt."""
+    correct, logps, _ = _answer_scores(model, prompts, answers, batch_size)
+    return correct, logps
+
+
+@torch.inference_mode()
+def _answer_scores(
+    model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact match, summed log-probability and number of tokens of each answer."""
     if len(prompts) != len(answers):
         raise MechunError(f"got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
     if len(prompts) == 0:
         raise MechunError("empty prompt list: pass at least one prompt")
-    correct, logps = [], []
+    correct, logps, lengths = [], [], []
     for idx in _batched(range(len(prompts)), batch_size):
         ps = [prompts[i] for i in idx]
         full_ids, full_mask = tokenize(model, [_join(p, answers[i]) for p, i in zip(ps, idx, strict=True)])
@@ -65,7 +84,8 @@ def answer_scores(
             pred = logits[b, pos - 1].argmax(-1)
             correct.append(bool((pred == target).all()))
             logps.append(float(logprobs[b, pos - 1].gather(-1, target[:, None]).sum()))
-    return torch.tensor(correct), torch.tensor(logps)
+            lengths.append(len(pos))
+    return torch.tensor(correct), torch.tensor(logps), torch.tensor(lengths)
 
 
 def answer_correct(model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64) -> Tensor:
@@ -184,3 +204,147 @@ def continuation_nll(model: Any, judge: Any, prompts: Sequence[str], n_tokens: i
             total -= float(logp[b, pos - 1].gather(-1, seq[b, pos].to(logp.device)[:, None]).sum())
             count += n_tokens
     return total / count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice over every option order
+# ---------------------------------------------------------------------------------------------------------------
+def permute_mcq(question: MCQ) -> list[MCQ]:
+    """The question in every order of its options (24 for A-D), re-rendered in its own style; the identity order
+    comes first."""
+    if not question.question:
+        raise MechunError("this MCQ has no bare stem (MCQ.question) to re-render; build it with World.mcq or "
+                          "mechun.data.load_mcq")
+    if question.style not in MCQ_STYLES:
+        raise MechunError(f"unknown MCQ style {question.style!r}; known: {sorted(MCQ_STYLES)}")
+    render = MCQ_STYLES[question.style]
+    out = []
+    for order in itertools.permutations(range(len(question.choices))):
+        choices = tuple(question.choices[i] for i in order)
+        out.append(MCQ(render(question.question, choices), choices, order.index(question.answer_index),
+                       question.fact, question.question, question.style, question.source))
+    return out
+
+
+@dataclass
+class PermutationScores:
+    """``fraction[i]``: share of question ``i``'s option orders answered right; ``all_correct[i]``: right in every
+    order."""
+
+    fraction: Float[Tensor, " n"]
+    all_correct: Bool[Tensor, " n"]
+    n_orders: int
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy over every (question, order) pair."""
+        return float(self.fraction.mean())
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of questions answered right in every order (chance: 0.25**24, about 0)."""
+        return float(self.all_correct.float().mean())
+
+
+def mcq_permutation_scores(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> PermutationScores:
+    """Score every question in every order of its options."""
+    if len(questions) == 0:
+        raise MechunError("empty question list: pass at least one question")
+    perms = [permute_mcq(q) for q in questions]
+    n_orders = len(perms[0])
+    right = mcq_correct(model, [p for ps in perms for p in ps], batch_size).reshape(len(questions), n_orders)
+    return PermutationScores(right.float().mean(1), right.all(1), n_orders)
+
+
+def robustly_known(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> list[MCQ]:
+    """The questions ``model`` answers right in every option order: evaluate unlearning on these, so that a drop is
+    knowledge lost, not letter-position luck lost."""
+    keep = mcq_permutation_scores(model, questions, batch_size).all_correct
+    return [q for q, k in zip(questions, keep.tolist(), strict=True) if k]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specificity: neighbourhood score / magnitude (static and dynamic) and NKL
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class NeighbourhoodScores:
+    """CounterFact+ neighbourhood metrics of one model on one set of prompts.
+
+    ``p_true`` / ``p_new``: per-prompt probability of the true object and of the edit's new object, each the
+    geometric mean of its tokens' probabilities (ROME's convention for multi-token objects; for one-token objects
+    it is the object's probability)."""
+
+    p_true: Float[Tensor, " n"]
+    p_new: Float[Tensor, " n"]
+
+    @property
+    def score(self) -> float:
+        """NS: fraction of prompts with P(true object) > P(new object). Higher is more specific."""
+        return float((self.p_true > self.p_new).float().mean())
+
+    @property
+    def magnitude(self) -> float:
+        """NM: mean of P(true object) − P(new object)."""
+        return float((self.p_true - self.p_new).mean())
+
+    def to_json(self) -> dict:
+        return {"score": self.score, "magnitude": self.magnitude, "n": len(self.p_true)}
+
+
+def dynamic_prompts(prompts: Sequence[str], edit_statement: str) -> list[str]:
+    """CounterFact+'s dynamic neighbourhood prompts: the edit statement (``"{edit prompt} {new object}."``), a space,
+    then each neighbourhood prompt. Edits whose side effects only show when the edited subject is in context fail
+    here while passing the static prompts."""
+    if not edit_statement.strip():
+        raise MechunError("empty edit statement: pass '{edit prompt} {new object}.'")
+    return [f"{edit_statement.strip()} {p}" for p in prompts]
+
+
+def neighbourhood_scores(model: Any, prompts: Sequence[str], true_objects: Sequence[str], new_object: str,
+                         edit_statement: str | None = None, batch_size: int = 64) -> NeighbourhoodScores:
+    """NS and NM of ``model`` on neighbourhood ``prompts`` (other subjects of the edited relation, each with its own
+    ``true_objects[i]``) against the edit's ``new_object``. Static when ``edit_statement`` is None, dynamic (the
+    statement prepended) otherwise."""
+    if len(prompts) != len(true_objects):
+        raise MechunError(f"got {len(prompts)} neighbourhood prompts but {len(true_objects)} true objects")
+    texts = list(prompts) if edit_statement is None else dynamic_prompts(prompts, edit_statement)
+    _, lp_true, n_true = _answer_scores(model, texts, list(true_objects), batch_size)
+    _, lp_new, n_new = _answer_scores(model, texts, [new_object] * len(texts), batch_size)
+    return NeighbourhoodScores((lp_true / n_true).exp(), (lp_new / n_new).exp())
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: Any, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, "n vocab"]:
+    """Log-probabilities of the next token after each prompt's last position (float32, on CPU)."""
+    if len(prompts) == 0:
+        raise MechunError("empty prompt list: pass at least one prompt")
+    out = []
+    for ps in _batched(list(prompts), batch_size):
+        ids, mask = tokenize(model, ps)
+        logits = _forward_logits(model, ids, mask)
+        out.append(logits[torch.arange(len(ps)), mask.sum(1).to(logits.device) - 1].log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def kl_divergence(logp: Float[Tensor, "n vocab"], logq: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """KL(P || Q) per row in nats, summed over the vocabulary (the true KL)."""
+    if logp.shape != logq.shape:
+        raise ModelMismatchError(f"distributions over different vocabularies ({tuple(logp.shape)} vs "
+                                 f"{tuple(logq.shape)}); compare models that share a tokenizer")
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
+def nkl(edited: Any, unedited: Any, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, " n"]:
+    """NKL per prompt: KL(P_edited || P_unedited) of the next-token distribution at the last prompt position, in
+    nats, summed over the vocabulary.
+
+    CounterFact+'s reference code calls ``kl_div(..., reduction="batchmean")`` on a ``(1, vocab)``-shaped
+    input laid out so that the mean runs over the vocabulary: its numbers are this KL divided by the vocabulary
+    size. This is the true KL; multiply theirs by ``|V|`` before comparing. For an intervention (SAE clamping)
+    rather than a second model, call :func:`next_token_logprobs` inside and outside its context and use
+    :func:`kl_divergence`."""
+    if edited.tokenizer.get_vocab() != unedited.tokenizer.get_vocab():
+        raise ModelMismatchError("the two models have different tokenizers; NKL compares next-token distributions "
+                                 "over one vocabulary")
+    return kl_divergence(next_token_logprobs(edited, prompts, batch_size),
+                         next_token_logprobs(unedited, prompts, batch_size))

@@ -16,8 +16,8 @@ the padded sequence, or a boolean ``batch pos`` mask.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,15 @@ from mechun.errors import MechunError
 from mechun.hooks import hooks
 from mechun.io import load_tensors, save_tensors
 from mechun.models import check_layer, check_same_model, d_model, hook_name, n_layers
+
+Intervention = Callable[[], AbstractContextManager]
+"""A factory of a hook context (``lambda: sae_intervention(model, sae, feats)``): code that compares a model with
+and without an inference-time intervention takes one and enters it only around the intervened measurements."""
+
+
+def applied(intervention: Intervention | None) -> AbstractContextManager:
+    """The intervention's context, or a no-op context for ``None``."""
+    return intervention() if intervention is not None else nullcontext()
 
 
 @dataclass

@@ -8,7 +8,8 @@ from pathlib import Path
 from mechun.errors import MechunError
 
 ANALYSES = {"organism": "analyses.organism_baseline", "rmu-shallow": "analyses.rmu_shallowness",
-            "localized-editing": "analyses.localized_editing", "sae-unlearning": "analyses.sae_unlearning"}
+            "localized-editing": "analyses.localized_editing", "sae-unlearning": "analyses.sae_unlearning",
+            "depth": "analyses.depth", "edit-specificity": "analyses.edit_specificity", "restore": "analyses.restore"}
 
 
 def reproduce(name: str, out: Path, quick: bool = False, seed: int = 0) -> Path:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mechun.cache import cache_residuals
 from mechun.errors import MechunError
 from mechun.hooks import StopForward, bare_layer_hooks
-from mechun.interventions import Direction
+from mechun.interventions import Direction, Intervention, applied
 from mechun.models import (
     check_layer,
     d_model,
@@ -242,18 +242,22 @@ def diagnose_junk(
     steering: Tensor | None = None,
     outlier_factor: float = 5.0,
     progress: bool = False,
+    unlearned_intervention: Intervention | None = None,
 ) -> JunkDiagnosis:
     """Norm profile, candidate junk directions per layer, and their alignment with the steering vector.
 
     Tokens are every real token of the prompts except the first (BOS / attention-sink tokens carry outsized norms);
     the outlier filter drops tokens whose base-model norm exceeds ``outlier_factor`` times the median.
+    ``unlearned_intervention`` is entered around the unlearned model's forwards only (for an inference-time method
+    such as SAE clamping, ``unlearned`` may then be the base model itself).
     """
     if d_model(base) != d_model(unlearned) or n_layers(base) != n_layers(unlearned):
         raise MechunError("base and unlearned models have different shapes; they must share an architecture")
     fb = cache_residuals(base, forget_prompts, positions="all", progress=progress)
-    fu = cache_residuals(unlearned, forget_prompts, positions="all", progress=progress)
     rb = cache_residuals(base, retain_prompts, positions="all", progress=progress)
-    ru = cache_residuals(unlearned, retain_prompts, positions="all", progress=progress)
+    with applied(unlearned_intervention):
+        fu = cache_residuals(unlearned, forget_prompts, positions="all", progress=progress)
+        ru = cache_residuals(unlearned, retain_prompts, positions="all", progress=progress)
     for c in (fb, fu, rb, ru):
         c.mask = c.mask.clone()
         c.mask[:, 0] = False

@@ -37,13 +37,16 @@ class Preset:
     lr: float = 3e-3
     mcq_per_fact: int = 2
     n_filler: int = 200
+    context_texts: int = 0  # two-sentence texts (see World.training_texts)
 
 
 PRESETS: dict[str, Preset] = {
     # Tests: a few seconds on 2 cores.
-    "tiny": Preset(subjects_per_domain=8, n_layer=3, d_model=64, n_head=4, steps=400, mcq_per_fact=2, n_filler=100),
+    "tiny": Preset(subjects_per_domain=8, n_layer=3, d_model=64, n_head=4, steps=400, mcq_per_fact=2, n_filler=100,
+                   context_texts=256),
     # The main job: about a minute on 2 cores.
-    "small": Preset(subjects_per_domain=12, n_layer=6, d_model=96, n_head=4, steps=900, mcq_per_fact=6),
+    "small": Preset(subjects_per_domain=12, n_layer=6, d_model=96, n_head=4, steps=900, mcq_per_fact=6,
+                    context_texts=384),
 }
 
 
@@ -85,7 +88,7 @@ def train_organism(
     torch.manual_seed(seed)
     world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
     tokenizer = build_tokenizer(world.vocabulary())
-    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact)
+    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact, context_texts=preset.context_texts)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     ids = enc["input_ids"]
     if (ids == tokenizer.unk_token_id).any():

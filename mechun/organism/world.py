@@ -129,12 +129,21 @@ class Prompt:
 
 @dataclass(frozen=True)
 class MCQ:
-    """A multiple-choice question; the correct letter is ``LETTERS[answer_index]``."""
+    """A multiple-choice question; the correct letter is ``LETTERS[answer_index]``.
+
+    ``text`` is the full prompt the model sees (ending where the answer letter goes); ``question`` is the bare stem
+    and ``style`` the name of the formatter in :data:`MCQ_STYLES` that turned stem and choices into ``text``, so the
+    question can be re-rendered with its options in another order. ``fact`` is set for the organism's questions;
+    ``source`` names the record a loaded question came from.
+    """
 
     text: str
     choices: tuple[str, ...]
     answer_index: int
-    fact: Fact
+    fact: Fact | None = None
+    question: str = ""
+    style: str = "organism"
+    source: str = ""
 
     @property
     def answer(self) -> str:
@@ -208,7 +217,8 @@ class World:
                 wrong = rng.sample([v for v in rel.values if v != fact.answer], 3)
                 idx = rng.randrange(4)
                 choices = tuple(wrong[:idx] + [fact.answer] + wrong[idx:])
-                out.append(MCQ(mcq_text(rel.question.format(s=fact.subject), choices), choices, idx, fact))
+                stem = rel.question.format(s=fact.subject)
+                out.append(MCQ(mcq_text(stem, choices), choices, idx, fact, stem))
         return out
 
     def neighbourhood(self, fact: Fact, template: int = 0) -> list[Prompt]:
@@ -217,16 +227,29 @@ class World:
         return [Prompt(rel.templates[template].format(s=f.subject), f.answer, f, template)
                 for f in self.facts_of(relation=fact.relation) if f.subject != fact.subject]
 
-    def training_texts(self, mcq_per_fact: int = 2) -> list[str]:
-        """Every sentence the organism is trained on: train templates, trained MCQ orders, filler."""
-        texts = [f"{p.text} {p.answer} ." for p in self.prompts(split="train")]
-        texts += [f"{q.text} {q.answer}" for q in self.mcq(seed=0, per_fact=mcq_per_fact)]
-        texts += self.filler
+    def statement(self, fact: Fact, answer: str | None = None, template: int = 0) -> str:
+        """The fact as a sentence (``"{prompt} {answer} ."``), with ``answer`` replacing the true one if given: an
+        edit statement for CounterFact+'s dynamic prompts."""
+        rel = relation(fact.relation)
+        return f"{rel.templates[template].format(s=fact.subject)} {answer or fact.answer} ."
+
+    def training_texts(self, mcq_per_fact: int = 2, context_texts: int = 0) -> list[str]:
+        """Every text the organism is trained on: train templates, trained MCQ orders, filler, and
+        ``context_texts`` two-sentence texts (a random fact or filler sentence, then a fact sentence).
+
+        The two-sentence texts teach the organism what every real LM can do: recall a fact after unrelated context.
+        Without them a preceding sentence breaks recall, and CounterFact+'s dynamic neighbourhood prompts (the edit
+        statement prepended) could not be measured."""
+        facts = [f"{p.text} {p.answer} ." for p in self.prompts(split="train")]
+        texts = facts + [f"{q.text} {q.answer}" for q in self.mcq(seed=0, per_fact=mcq_per_fact)] + self.filler
+        rng = random.Random(f"context-{self.seed}")
+        texts += [f"{rng.choice(facts + self.filler)} {rng.choice(facts)}" for _ in range(context_texts)]
         return texts
 
     def corpora(self, forget: list[str], mcq_per_fact: int = 2) -> tuple[dict[str, list[str]], list[str]]:
         """Unlearning corpora: the training sentences about each forget domain's subjects, and all the others
-        (other domains and filler) as the retain corpus."""
+        (other domains and filler) as the retain corpus. Single sentences only: the two-sentence context texts
+        are left out."""
         for d in forget:
             self.facts_of(d)  # validates the domain name
         texts = self.training_texts(mcq_per_fact=mcq_per_fact)
@@ -274,8 +297,18 @@ class World:
 
 
 def mcq_text(question: str, choices: tuple[str, ...]) -> str:
+    """The organism's format: ``question : {q} A . {c0} B . {c1} C . {c2} D . {c3} answer :``."""
     opts = " ".join(f"{letter} . {c}" for letter, c in zip(LETTERS, choices, strict=True))
     return f"question : {question} {opts} answer :"
+
+
+def mmlu_text(question: str, choices: tuple[str, ...]) -> str:
+    """The MMLU / WMDP zero-shot format of lm-evaluation-harness: stem, ``A. ..`` lines, ``Answer:``."""
+    opts = "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, choices, strict=True))
+    return f"{question.strip()}\n{opts}\nAnswer:"
+
+
+MCQ_STYLES = {"organism": mcq_text, "mmlu": mmlu_text}
 
 
 def relations(domain: str) -> list[Relation]:

@@ -1,0 +1,170 @@
+"""Corrupt, then unlearn the corruption: does unlearning *restore* what the model knew? (RESTOR, 2024)
+
+Good unlearning of corrupting data should bring the model back to its clean state, not just stop it from saying
+the false facts. On the organism:
+
+1. **Corrupt**: fine-tune the whole model so that half of the ``people`` subjects' facts take a false value (the
+   trained templates, with a maintain loss on every other fact and an LM loss on filler). The corrupting corpus is
+   those false statements.
+2. **Unlearn the corruption** from the corrupted model with each method:
+   * gradient ascent on the false statements (every parameter; maintain loss on the other facts),
+   * localized fine-tuning (``-log(1-p)`` on the false answers, only the MLPs that causal tracing of the false
+     answer ranks highest, maintain and LM losses),
+   * RMU with the false statements as forget corpus and everything else as retain corpus.
+3. Measure on the corrupted facts: *forget* = accuracy of the false answers, *restore* = accuracy of the original
+   true answers, restore fraction = (true after − true corrupted) / (true clean − true corrupted); and accuracy on
+   every other fact (retain). Three seeds.
+
+Run as ``mechun reproduce restore --out DIR [--quick] [--seed N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from analyses.common import setup
+from mechun.edit import full_mask, localized_finetune, mask_from_scores
+from mechun.evaluate import cloze_accuracy
+from mechun.localize import causal_trace, subject_positions
+from mechun.models import load_model, n_layers, save_model
+from mechun.organism.world import Fact, Prompt, World, relation
+from mechun.report import table, write_report
+from mechun.rmu import RMUConfig, recovery_fraction, rmu_unlearn
+
+DOMAIN = "people"
+METHODS = ("gradient_ascent", "localized_ft", "rmu")
+
+
+def corruption(world: World, seed: int) -> list[tuple[Fact, str]]:
+    """Half of the domain's subjects, every fact of theirs with a random false value."""
+    rng = random.Random(f"corrupt-{seed}")
+    subjects = sorted({f.subject for f in world.facts_of(DOMAIN)})
+    chosen = set(rng.sample(subjects, len(subjects) // 2))
+    return [(f, rng.choice([v for v in relation(f.relation).values if v != f.answer]))
+            for f in world.facts_of(DOMAIN) if f.subject in chosen]
+
+
+def _with_answer(prompts: list[Prompt], answers: dict[str, str]) -> list[Prompt]:
+    return [Prompt(p.text, answers[p.fact.subject + "/" + p.fact.relation], p.fact, p.template) for p in prompts]
+
+
+def measure(model: Any, world: World, corrupt: list[tuple[Fact, str]]) -> dict[str, float]:
+    facts = [f for f, _ in corrupt]
+    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
+    prompts = world.prompts(facts=facts)
+    others = world.prompts(facts=[f for f in world.facts if f not in facts])
+    return {"true": cloze_accuracy(model, prompts), "false": cloze_accuracy(model, _with_answer(prompts, false)),
+            "retain": cloze_accuracy(model, others)}
+
+
+def unlearn(method: str, model: Any, frozen: Any, world: World, corrupt: list[tuple[Fact, str]], quick: bool,
+            seed: int) -> dict:
+    facts = [f for f, _ in corrupt]
+    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
+    prompts = _with_answer(world.prompts(facts=facts), false)
+    statements = [f"{p.text} {p.answer} ." for p in prompts]
+    maintain = [(p.text, p.answer) for p in world.prompts(facts=[f for f in world.facts if f not in facts])]
+    steps = 60 if quick else 120
+    if method == "gradient_ascent":
+        localized_finetune(model, full_mask(model), [p.text for p in prompts], [p.answer for p in prompts],
+                           mode="ascent", maintain=maintain, steps=steps, lr=1e-4, seed=seed)
+        return {"steps": steps, "lr": 1e-4}
+    if method == "localized_ft":
+        L = n_layers(model)
+        scores = [0.0] * L
+        for p in prompts[:: len(relation(prompts[0].fact.relation).train_templates)][:4]:
+            tr = causal_trace(model, p.text, p.answer, p.fact.subject, kind="mlp", samples=5, seed=seed)
+            pos = subject_positions(model, p.text, p.fact.subject)[-1]
+            scores = [s + float(tr.scores[layer, pos]) for layer, s in enumerate(scores)]
+        n_mlps = 1 if L <= 3 else 2
+        budget = sum(p.numel() for p in model.blocks[0].mlp.parameters()) * n_mlps
+        mask = mask_from_scores(model, {("mlp", i): v for i, v in enumerate(scores)}, budget, "causal tracing")
+        localized_finetune(model, mask, [p.text for p in prompts], [p.answer for p in prompts], mode="unlearn",
+                           maintain=maintain, lm_texts=world.filler, steps=steps, lr=1e-3, seed=seed)
+        return {"steps": steps, "components": [list(c) for c in mask.components]}
+    subjects = {f.subject for f in facts}
+    retain = [t for t in world.training_texts(mcq_per_fact=1) if not any(s in t for s in subjects)]
+    cfg = RMUConfig(["corruption"], layer=max(1, n_layers(model) // 2 - 1), steps=steps * 2, auto_coeff_mult=5.0,
+                    seed=seed)
+    res = rmu_unlearn(model, frozen, {"corruption": statements}, retain, cfg, progress=False)
+    return {"steps": cfg.steps, "layer": res.config.layer, "steering_coeff": res.config.steering_coeff}
+
+
+def corrupt_model(model: Any, world: World, corrupt: list[tuple[Fact, str]], quick: bool, seed: int) -> None:
+    facts = [f for f, _ in corrupt]
+    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
+    prompts = _with_answer(world.prompts(facts=facts), false)
+    maintain = [(p.text, p.answer) for p in world.prompts(facts=[f for f in world.facts if f not in facts])]
+    localized_finetune(model, full_mask(model), [p.text for p in prompts], [p.answer for p in prompts], mode="learn",
+                       maintain=maintain, lm_texts=world.filler, steps=60 if quick else 100, lr=1e-3, seed=seed)
+
+
+def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
+    out, ckpt, world, base = setup(out, quick, seed, organism)
+    seeds = [seed, seed + 1, seed + 2]
+    rows = []
+    for s in seeds:
+        corrupt = corruption(world, s)
+        clean = measure(base, world, corrupt)
+        model = load_model(ckpt, device="cpu")
+        corrupt_model(model, world, corrupt, quick, s)
+        corrupted_dir = out / f"corrupted_seed{s}"
+        if corrupted_dir.exists():
+            shutil.rmtree(corrupted_dir)
+        save_model(model, corrupted_dir)
+        corrupted = measure(model, world, corrupt)
+        log(f"seed {s}: clean true {clean['true']:.2f}; corrupted true {corrupted['true']:.2f} false "
+            f"{corrupted['false']:.2f}")
+        for method in METHODS:
+            m, frozen = load_model(corrupted_dir, device="cpu"), load_model(corrupted_dir, device="cpu")
+            info = unlearn(method, m, frozen, world, corrupt, quick, s)
+            after = measure(m, world, corrupt)
+            rows.append({"seed": s, "method": method, **info, "clean": clean, "corrupted": corrupted, "after": after,
+                         "restore_fraction": recovery_fraction(clean["true"], corrupted["true"], after["true"]),
+                         "forget_fraction": recovery_fraction(0.0, corrupted["false"], after["false"])})
+            log(f"  {method:<16} false {after['false']:.2f}  true {after['true']:.2f}  retain {after['retain']:.2f}")
+
+    def agg(method: str, fn) -> dict[str, float]:
+        vals = [fn(r) for r in rows if r["method"] == method]
+        return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "per_seed": vals}
+
+    summary = {m: {"false_after": agg(m, lambda r: r["after"]["false"]),
+                   "true_after": agg(m, lambda r: r["after"]["true"]),
+                   "retain_after": agg(m, lambda r: r["after"]["retain"]),
+                   "restore_fraction": agg(m, lambda r: r["restore_fraction"])} for m in METHODS}
+    corrupted_true = statistics.fmean(r["corrupted"]["true"] for r in rows)
+    corrupted_false = statistics.fmean(r["corrupted"]["false"] for r in rows)
+    parts = [f"{m}: false {summary[m]['false_after']['mean']:.2f}, true {summary[m]['true_after']['mean']:.2f} "
+             f"(restore {summary[m]['restore_fraction']['mean']:.0%})" for m in METHODS]
+    verdict = (f"After corruption the model states the false values {corrupted_false:.0%} of the time and the true "
+               f"ones {corrupted_true:.0%}. Unlearning the corruption: " + "; ".join(parts) + ". Forgetting the "
+               "false facts is not the same as restoring the true ones." if corrupted_false > 0.5 else
+               "The corruption did not take (false-value accuracy <= 0.5); nothing to test.")
+    results = {"domain": DOMAIN, "seeds": seeds, "methods": list(METHODS), "summary": summary,
+               "corrupted": {"true": corrupted_true, "false": corrupted_false}, "verdict": verdict, "runs": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    fig = go.Figure()
+    for key, label in (("false_after", "false values stated"), ("true_after", "true values restored"),
+                       ("retain_after", "other facts")):
+        fig.add_bar(name=label, x=list(METHODS), y=[summary[m][key]["mean"] for m in METHODS],
+                    error_y=dict(type="data", array=[summary[m][key]["std"] for m in METHODS]))
+    fig.update_layout(barmode="group", title="Unlearning the corruption (mean ± std over seeds)",
+                      yaxis=dict(range=[0, 1.05]), template="plotly_white")
+    table_rows = [{"method": m, **{k: f"{v['mean']:.2f} ± {v['std']:.2f}" for k, v in summary[m].items()}}
+                  for m in METHODS]
+    write_report(out / "report.html", "Corrupt, then unlearn: forgetting vs restoring (RESTOR)",
+                 [f"<p class='verdict'>{verdict}</p>", fig, table(table_rows)], results=results)
+    return results
+
+
+if __name__ == "__main__":
+    from analyses.common import script_main
+
+    script_main(run, __doc__)
