@@ -326,7 +326,7 @@ def next_token_logprobs(model: Any, prompts: Sequence[str], batch_size: int = 64
     return torch.cat(out)
 
 
-def kl_divergence(logp: Float[Tensor, "n vocab"], logq: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+def kl_divergence(logp: Float[Tensor, "n vocab_p"], logq: Float[Tensor, "n vocab_q"]) -> Float[Tensor, " n"]:
     """KL(P || Q) per row in nats, summed over the vocabulary (the true KL)."""
     if logp.shape != logq.shape:
         raise ModelMismatchError(f"distributions over different vocabularies ({tuple(logp.shape)} vs "

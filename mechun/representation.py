@@ -43,12 +43,14 @@ class ProbeRecoverability:
 
     accuracy: list[float]
     train_accuracy: list[float]
-    chance: float  # share of the most frequent held-out label
+    chance: float  # accuracy of always predicting the training fold's most frequent label
+    ceiling: float  # share of held-out prompts whose label occurs in the training fold (the best any probe can do)
     n_classes: int
     n_prompts: int
 
     def to_json(self) -> dict:
         return {"accuracy": self.accuracy, "train_accuracy": self.train_accuracy, "chance": self.chance,
+                "ceiling": self.ceiling,
                 "n_classes": self.n_classes, "n_prompts": self.n_prompts}
 
 
@@ -75,6 +77,13 @@ def probe_recoverability(model: Any, prompts: Sequence[str], subjects: Sequence[
     y = torch.tensor([classes.index(v) for v in labels])
     fold = torch.tensor(subject_folds(subjects, seed))
     feats = features if features is not None else last_token_features(model, prompts, context=context)
+    # baselines: the training fold's most frequent label, predicted for every held-out prompt (chance); and the
+    # share of held-out prompts whose label occurs in the training fold at all (no probe can do better)
+    chance_right, ceiling_right = 0, 0
+    for train in (fold, ~fold):
+        majority = int(torch.bincount(y[train], minlength=len(classes)).argmax())
+        chance_right += int((y[~train] == majority).sum())
+        ceiling_right += int(torch.isin(y[~train], y[train]).sum())
     acc, tr_acc = [], []
     for layer in range(feats.shape[0]):
         x = feats[layer]
@@ -85,11 +94,10 @@ def probe_recoverability(model: Any, prompts: Sequence[str], subjects: Sequence[
             tr_right += float((predict(x[train]) == y[train]).float().mean()) / 2
         acc.append(right / len(y))
         tr_acc.append(tr_right)
-    counts = torch.bincount(y, minlength=len(classes))
-    return ProbeRecoverability(acc, tr_acc, float(counts.max()) / len(y), len(classes), len(prompts))
+    return ProbeRecoverability(acc, tr_acc, chance_right / len(y), ceiling_right / len(y), len(classes), len(prompts))
 
 
-def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
+def linear_cka(x: Float[Tensor, "n_x d_x"], y: Float[Tensor, "n_y d_y"]) -> float:
     """Linear CKA (Kornblith et al. 2019) between two sets of activations of the same ``n`` inputs."""
     if x.shape[0] != y.shape[0]:
         raise MechunError(f"CKA needs the same inputs on both sides: got {x.shape[0]} and {y.shape[0]} rows")

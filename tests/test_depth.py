@@ -1,0 +1,122 @@
+"""Representation checks (CKA, held-out-subject probes) and the unlearning depth card."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_cli, warm, weights_hash
+
+import mechun
+from mechun.depth import DepthConfig, aggregate_cards, depth_card
+from mechun.errors import MechunError
+from mechun.models import model_fingerprint
+from mechun.representation import linear_cka, probe_recoverability, subject_folds
+
+
+def test_linear_cka_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ q + 1.0) == pytest.approx(1.0, abs=1e-6)  # rotation, scale, shift
+    assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2
+    with pytest.raises(MechunError, match="same inputs"):
+        linear_cka(x, x[:10])
+
+
+def test_subject_folds_never_share_a_subject():
+    subjects = ["a", "a", "b", "c", "c", "d"]
+    fold = subject_folds(subjects, seed=1)
+    assert {s for s, f in zip(subjects, fold, strict=True) if f}.isdisjoint({s for s, f in zip(subjects, fold, strict=True) if not f})
+    with pytest.raises(MechunError):
+        subject_folds(["a", "a"])
+
+
+def test_probes_decode_the_attribute_across_subjects_in_the_base_model(tiny_model, tiny_world):
+    gains = []
+    for domain in tiny_world.domains:
+        ps = tiny_world.prompts(domain, "train") + tiny_world.prompts(domain, "paraphrase")
+        r = probe_recoverability(tiny_model, [p.text for p in ps], [p.fact.subject for p in ps],
+                                 [p.answer for p in ps])
+        assert len(r.accuracy) == tiny_model.cfg.n_layers
+        assert max(r.accuracy) <= r.ceiling + 1e-9  # no probe can name a value it never saw
+        gains.append(max(r.accuracy) - r.chance)
+    assert max(gains) > 0.2
+
+
+@pytest.fixture(scope="module")
+def rmu_dir(tiny_organism_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("depth") / "rmu"
+    run_cli("rmu", "--model", str(tiny_organism_dir), "--forget", "pathogen", "--layer", "1", "--steps", "120",
+            "--steering-coeff", "20", "--out", str(out), "--no-progress")
+    return out
+
+
+def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_path):
+    base_fp = model_fingerprint(mechun.load_model(tiny_organism_dir))
+    unl_fp = model_fingerprint(mechun.load_model(rmu_dir))
+    out = tmp_path / "card"
+    proc = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "pathogen",
+                   "--relearn-steps", "0,5,10", "--out", str(out), "--no-progress")
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "report.html"]
+    card = json.loads((out / "card.json").read_text())
+    assert json.loads(proc.stdout)["verdict"] == card["verdict"]["line"]
+    assert card["fingerprints"] == {"base": base_fp, "unlearned": unl_fp}
+    beh = card["behaviour"]["forget"]
+    assert beh["train"]["base"] > 0.95 and beh["train"]["unlearned"] < 0.6
+    assert card["junk"]["layer"] == 1  # the peak of the norm ratio is RMU's layer
+    assert card["junk"]["cos_with_steering"][1] > 0.9  # rmu.json's steering vector was found and used
+    assert card["junk"]["recovery_by_format"]["train"] > 0.5
+    assert card["relearning"]["steps"] == [0, 5, 10] and len(card["relearning"]["held_out_accuracy"]) == 3
+    assert len(card["cka"]["forget"]) == len(card["cka"]["retain"]) == 3
+    assert min(card["cka"]["retain"]) > min(card["cka"]["forget"])  # RMU disturbs forget activations most
+    assert card["specificity"]["nkl_static"] >= 0 and card["specificity"]["nkl_dynamic"] >= 0
+    assert "Hidden, not removed" in card["verdict"]["line"]
+    html = (out / "report.html").read_text()
+    assert "plotly" in html and card["verdict"]["line"].split(".")[0] in html
+    # a second run into the same dir is refused, and a bad domain writes nothing
+    again = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "pathogen",
+                    "--out", str(out), check=False)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    bad = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "chemistry",
+                  "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "unknown forget domain" in bad.stderr
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_depth_card_for_an_inference_time_intervention(tiny_model, tiny_world):
+    """unlearned = base + an intervention (as for SAE clamping): measured inside the context only; relearning is
+    skipped; no weight changes and no hooks left behind."""
+    h = weights_hash(tiny_model)
+    warm(tiny_model)
+    n_hooks = mechun.count_hooks(tiny_model)
+    d = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    card = depth_card(tiny_model, tiny_model, tiny_world, "pathogen", method="steer",
+                      intervention=lambda: mechun.add_direction(tiny_model, d * 30, layers=[1]),
+                      config=DepthConfig(relearn_steps=(0,)))
+    assert "skipped" in card["relearning"]
+    assert card["cka"]["forget"][0] == pytest.approx(1.0)  # layer 0 is upstream of the intervention
+    assert card["cka"]["forget"][1] == pytest.approx(1.0)  # a constant shift: centred CKA ignores it
+    assert card["cka"]["forget"][2] < 0.99  # downstream of the shift, the geometry changes
+    assert card["specificity"]["nkl_static"] > 0
+    assert weights_hash(tiny_model) == h and mechun.count_hooks(tiny_model) == n_hooks
+    agg = aggregate_cards([card, card])
+    assert agg["n_seeds"] == 2 and agg["junk"]["layer"] == card["junk"]["layer"]
+    assert agg["summary"]["forget train"]["per_seed"] == [card["behaviour"]["forget"]["train"]["unlearned"]] * 2
+    assert math.isclose(agg["cka"]["forget"][1], card["cka"]["forget"][1])
+
+
+def test_reproduce_depth_quick_compares_methods_over_three_seeds(tiny_organism_dir, tmp_path):
+    from analyses.depth import METHODS, run
+
+    r = run(tmp_path, quick=True, organism=tiny_organism_dir, log=lambda m: None)
+    assert r["methods"] == list(METHODS) and len(r["seeds"]) == 3
+    for m in METHODS:
+        assert len(r[m]["per_seed"]) == 3 and set(r[m]["summary"]) == set(r["comparison"][m])
+        assert (tmp_path / "cards" / f"{m}_seed0" / "card.json").is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rmu"]["verdict"] == r["rmu"]["verdict"]
+    # localized fine-tuning leaves no junk direction to ablate; RMU does
+    assert r["localized_ft"]["summary"]["junk recovery"]["mean"] < r["rmu"]["summary"]["junk recovery"]["mean"]
+    assert (tmp_path / "report.html").stat().st_size > 100_000

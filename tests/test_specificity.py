@@ -1,0 +1,110 @@
+"""Specificity and robustness metrics: MCQ over every option order, neighbourhood score/magnitude, NKL."""
+
+import math
+
+import pytest
+import torch
+
+import mechun
+from mechun.errors import MechunError, ModelMismatchError
+from mechun.evaluate import (
+    answer_logprob,
+    dynamic_prompts,
+    kl_divergence,
+    mcq_correct,
+    mcq_permutation_scores,
+    neighbourhood_scores,
+    next_token_logprobs,
+    nkl,
+    permute_mcq,
+    robustly_known,
+)
+from mechun.organism.world import LETTERS, MCQ, mmlu_text
+
+
+def test_permute_mcq_covers_every_order_and_tracks_the_answer(tiny_world):
+    q = tiny_world.mcq("sports", seed=1)[0]
+    perms = permute_mcq(q)
+    assert len(perms) == 24 and perms[0].text == q.text
+    assert len({p.choices for p in perms}) == 24
+    for p in perms:
+        assert p.choices[p.answer_index] == q.choices[q.answer_index]
+        assert sorted(p.choices) == sorted(q.choices)
+        assert f"{LETTERS[p.answer_index]} . {q.fact.answer}" in p.text
+    mm = MCQ(mmlu_text("Which?", ("w", "x", "y", "z")), ("w", "x", "y", "z"), 2, None, "Which?", "mmlu")
+    assert all(p.text.endswith("Answer:") and p.choices[p.answer_index] == "y" for p in permute_mcq(mm))
+    with pytest.raises(MechunError, match="stem"):
+        permute_mcq(MCQ("q A . a B . b C . c D . d answer :", ("a", "b", "c", "d"), 0))
+
+
+def test_permutation_scores_agree_with_single_order_scoring(tiny_model, tiny_world):
+    qs = tiny_world.mcq("people", seed=1)[:6]
+    scores = mcq_permutation_scores(tiny_model, qs)
+    for i, q in enumerate(qs):
+        right = mcq_correct(tiny_model, permute_mcq(q))
+        assert math.isclose(float(scores.fraction[i]), float(right.float().mean()))
+        assert bool(scores.all_correct[i]) == bool(right.all())
+    kept = robustly_known(tiny_model, qs)
+    assert kept == [q for q, k in zip(qs, scores.all_correct.tolist(), strict=True) if k]
+    assert scores.robust_accuracy <= scores.accuracy
+
+
+def test_kl_is_the_true_kl():
+    torch.manual_seed(0)
+    logp, logq = torch.randn(3, 50).log_softmax(-1), torch.randn(3, 50).log_softmax(-1)
+    ours = kl_divergence(logp, logq)
+    ref = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # CounterFact+'s number is this divided by the vocabulary size; ours is not
+    assert not torch.allclose(ours, ref / 50)
+    assert torch.allclose(kl_divergence(logp, logp), torch.zeros(3))
+    with pytest.raises(ModelMismatchError):
+        kl_divergence(logp, logq[:, :40])
+
+
+def test_nkl_zero_for_the_same_model_and_positive_under_an_intervention(tiny_model, tiny_world):
+    prompts = [p.text for p in tiny_world.prompts("sports")[:8]]
+    assert float(nkl(tiny_model, tiny_model, prompts).abs().max()) < 1e-6
+    base = next_token_logprobs(tiny_model, prompts)
+    d = torch.randn(tiny_model.cfg.d_model)
+    with mechun.add_direction(tiny_model, d * 20, layers=[1]):
+        steered = next_token_logprobs(tiny_model, prompts)
+    assert float(kl_divergence(steered, base).mean()) > 0.01
+
+
+def test_neighbourhood_scores_match_a_hand_computation(tiny_model, tiny_world):
+    fact = tiny_world.facts_of(relation="sport")[0]
+    new = next(v for v in ("tennis", "golf", "boxing") if v != fact.answer)
+    neigh = tiny_world.neighbourhood(fact)
+    texts, trues = [p.text for p in neigh], [p.answer for p in neigh]
+    static = neighbourhood_scores(tiny_model, texts, trues, new)
+    p_true = answer_logprob(tiny_model, texts, trues).exp()
+    p_new = answer_logprob(tiny_model, texts, [new] * len(texts)).exp()  # one-token objects: geometric mean = p
+    assert torch.allclose(static.p_true, p_true, atol=1e-5)
+    assert static.score == pytest.approx(float((p_true > p_new).float().mean()))
+    assert static.magnitude == pytest.approx(float((p_true - p_new).mean()), abs=1e-5)
+    assert static.score > 0.8  # the unedited organism knows its neighbours
+    statement = tiny_world.statement(fact, new)
+    assert dynamic_prompts(texts, statement)[0] == f"{statement} {texts[0]}"
+    dyn = neighbourhood_scores(tiny_model, texts, trues, new, edit_statement=statement)
+    p_dyn = answer_logprob(tiny_model, dynamic_prompts(texts, statement), trues).exp()
+    assert torch.allclose(dyn.p_true, p_dyn, atol=1e-5)
+    with pytest.raises(MechunError):
+        neighbourhood_scores(tiny_model, texts, trues[:-1], new)
+
+
+def test_localized_edit_changes_the_fact_and_restores_nothing_else(tiny_organism_dir, tiny_world):
+    """The edit-specificity analysis' building blocks: one localized edit is effective, and the measurement
+    code reports static and dynamic neighbourhood scores for it."""
+    from analyses.edit_specificity import edit_once, measure, pick_edits
+
+    model = mechun.load_model(tiny_organism_dir, device="cpu")
+    (fact, new), = pick_edits(tiny_world, 1, seed=0)
+    before = measure(model, tiny_world, fact, new)
+    info = edit_once(model, tiny_world, fact, new, steps=30, seed=0)
+    after = measure(model, tiny_world, fact, new)
+    assert len(info["components"]) == 1 and info["components"][0][0] == "mlp"
+    assert before["efficacy"] == 0.0 and after["efficacy"] >= 0.75
+    for m in (before, after):
+        assert 0.0 <= m["ns_static"] <= 1.0 and 0.0 <= m["ns_dynamic"] <= 1.0
+    assert before["ns_static"] > 0.8
