@@ -348,3 +348,21 @@ def nkl(edited: Any, unedited: Any, prompts: Sequence[str], batch_size: int = 64
                                  "over one vocabulary")
     return kl_divergence(next_token_logprobs(edited, prompts, batch_size),
                          next_token_logprobs(unedited, prompts, batch_size))
+
+
+def counterfact_specificity(edited: Any, unedited: Any, record: Any, batch_size: int = 64) -> dict[str, Any]:
+    """CounterFact+ specificity of one edit (a :class:`mechun.data.CounterFactRecord`): NS and NM on its
+    neighbourhood prompts for both models, static and dynamic, and NKL static and dynamic (true KL, nats)."""
+    prompts = list(record.neighborhood_prompts)
+    if not prompts:
+        raise MechunError(f"CounterFact case {record.case_id} has no neighborhood_prompts")
+    trues = [record.target_true] * len(prompts)
+    out: dict[str, Any] = {"case_id": record.case_id}
+    for name, model in (("edited", edited), ("unedited", unedited)):
+        for kind, statement in (("static", None), ("dynamic", record.edit_statement)):
+            out[f"{name}_{kind}"] = neighbourhood_scores(model, prompts, trues, record.target_new, statement,
+                                                         batch_size).to_json()
+    out["nkl_static"] = float(nkl(edited, unedited, prompts, batch_size).mean())
+    out["nkl_dynamic"] = float(nkl(edited, unedited, dynamic_prompts(prompts, record.edit_statement),
+                                   batch_size).mean())
+    return out

@@ -108,3 +108,28 @@ def test_localized_edit_changes_the_fact_and_restores_nothing_else(tiny_organism
     for m in (before, after):
         assert 0.0 <= m["ns_static"] <= 1.0 and 0.0 <= m["ns_dynamic"] <= 1.0
     assert before["ns_static"] > 0.8
+
+
+def test_counterfact_records_feed_the_specificity_metrics(tiny_model, tiny_world, tmp_path):
+    """A CounterFact-schema file, written in the organism's vocabulary, loaded and scored end to end."""
+    import json
+
+    from mechun.data import load_counterfact
+    from mechun.evaluate import counterfact_specificity
+
+    fact = tiny_world.facts_of(relation="sport")[0]
+    new = next(v for v in ("tennis", "golf", "boxing") if v != fact.answer)
+    others = [f for f in tiny_world.facts_of(relation="sport") if f.answer == fact.answer and f != fact]
+    neigh = [f"{o.subject} plays the sport of" for o in others] or [f"{fact.subject} plays the sport of"]
+    rec = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays the sport of", "subject": fact.subject,
+                                               "target_new": {"str": new}, "target_true": {"str": fact.answer},
+                                               "relation_id": "P641"},
+           "neighborhood_prompts": neigh, "paraphrase_prompts": []}
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([rec]))
+    (case,) = load_counterfact(path)
+    r = counterfact_specificity(tiny_model, tiny_model, case)
+    assert r["nkl_static"] < 1e-6 and r["nkl_dynamic"] < 1e-6  # the same model on both sides
+    assert r["edited_static"] == r["unedited_static"]
+    direct = neighbourhood_scores(tiny_model, neigh, [fact.answer] * len(neigh), new, case.edit_statement)
+    assert r["edited_dynamic"]["score"] == direct.score
