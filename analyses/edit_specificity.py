@@ -48,7 +48,9 @@ def measure(model: Any, world: World, fact: Fact, new: str) -> dict[str, Any]:
     """Efficacy and neighbourhood metrics of ``model`` for the edit ``fact -> new``."""
     edit_prompts = [p for p in world.prompts(facts=[fact])]
     para = world.prompts(facts=[fact], split="paraphrase")
-    neigh = world.neighbourhood(fact)
+    # neighbours whose own true object is the new object cannot tell P(true) from P(new): CounterFact's
+    # neighbourhoods share the edited fact's true object, so this never arises there
+    neigh = [p for p in world.neighbourhood(fact) if p.answer != new]
     texts, trues = [p.text for p in neigh], [p.answer for p in neigh]
     statement = world.statement(fact, new)
     static = neighbourhood_scores(model, texts, trues, new)
