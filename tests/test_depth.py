@@ -120,3 +120,21 @@ def test_reproduce_depth_quick_compares_methods_over_three_seeds(tiny_organism_d
     # localized fine-tuning leaves no junk direction to ablate; RMU does
     assert r["localized_ft"]["summary"]["junk recovery"]["mean"] < r["rmu"]["summary"]["junk recovery"]["mean"]
     assert (tmp_path / "report.html").stat().st_size > 100_000
+
+
+def test_corrupt_then_unlearn_building_blocks(tiny_organism_dir, tiny_world):
+    """RESTOR pipeline pieces: corruption takes, unlearning it removes the false values, weights of the base copy
+    stay put."""
+    from analyses.restore import corrupt_model, corruption, measure, unlearn
+
+    corrupt = corruption(tiny_world, seed=0)
+    assert corrupt and all(new != f.answer for f, new in corrupt)
+    model = mechun.load_model(tiny_organism_dir, device="cpu")
+    clean = measure(model, tiny_world, corrupt)
+    corrupt_model(model, tiny_world, corrupt, quick=True, seed=0)
+    bad = measure(model, tiny_world, corrupt)
+    assert clean["true"] > 0.9 and clean["false"] == 0.0
+    assert bad["false"] > 0.8 and bad["true"] < 0.2 and bad["retain"] > 0.9
+    unlearn("gradient_ascent", model, None, tiny_world, corrupt, quick=True, seed=0)
+    after = measure(model, tiny_world, corrupt)
+    assert after["false"] < 0.5 * bad["false"]

@@ -106,7 +106,7 @@ def test_cli_sae_train_and_unlearn(tiny_organism_dir, tmp_path):
     run_cli("sae", "train", "--model", str(tiny_organism_dir), "--layer", "1", "--d-sae", "128", "--tokens", "20000",
             "--out", str(tmp_path / "sae"))
     out = json.loads(run_cli("sae", "unlearn", "--model", str(tiny_organism_dir), "--sae", str(tmp_path / "sae"),
-                             "--forget", "pathogen", "--threshold", "0.05", "--n", "5", "--value", "50").stdout)
+                             "--forget", "pathogen", "--threshold", "0.2", "--n", "5", "--value", "50").stdout)  # a tiny SAE needs a loose rule
     assert 0 < len(out["features"]) <= 5
     assert set(out["before"]) == set(out["after"]) == {"pathogen", "cyber", "sports", "people"}
 
