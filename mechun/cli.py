@@ -249,7 +249,11 @@ def _cmd_depth(args) -> int:
         steering = load_steering(args.unlearned).get(args.forget)
     cfg = DepthConfig(seed=args.seed, junk_layer=args.layer)
     if args.relearn_steps:
-        cfg = replace(cfg, relearn_steps=tuple(int(x) for x in args.relearn_steps.split(",")))
+        try:
+            steps = tuple(int(x) for x in args.relearn_steps.split(","))
+        except ValueError:
+            steps = (-1,)
+        cfg = replace(cfg, relearn_steps=steps)
     log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
     card = depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
                       relearn_copy=lambda: load_model(args.unlearned, device=args.device), steering=steering,

@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from mechun.evaluate import (
     robustly_known,
 )
 from mechun.interventions import Intervention, applied, project_out
-from mechun.models import model_fingerprint, n_layers, publish_dir
+from mechun.models import check_layer, model_fingerprint, n_layers, publish_dir
 from mechun.organism.world import DOMAINS, World
 from mechun.report import table, write_report
 from mechun.representation import cka_by_layer, probe_recoverability
@@ -206,6 +206,10 @@ def depth_card(base: Any, unlearned: Any, world: World, forget: str, method: str
     trainable copy of the unlearned model for the relearning test (e.g. ``lambda: load_model(dir)``); without it that
     section is marked skipped. ``steering`` (RMU's vector, if known) adds the junk direction's cosine with it."""
     cfg = config or DepthConfig()
+    if not cfg.relearn_steps or any(not isinstance(k, int) or k < 0 for k in cfg.relearn_steps):
+        raise MechunError(f"relearn_steps must be non-negative integers, e.g. 0,5,10,20 (got {cfg.relearn_steps})")
+    if cfg.junk_layer is not None:
+        cfg = replace(cfg, junk_layer=check_layer(base, cfg.junk_layer))
     if forget not in DOMAINS:
         raise MechunError(f"unknown forget domain {forget!r}; the world has {list(DOMAINS)}")
     if n_layers(base) != n_layers(unlearned):

@@ -82,6 +82,10 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     bad = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "chemistry",
                   "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "unknown forget domain" in bad.stderr
+    for flag, value, message in (("--relearn-steps", "5,x", "non-negative integers"), ("--layer", "7", "out of range")):
+        wrong = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget",
+                        "pathogen", flag, value, "--out", str(tmp_path / "bad"), check=False)
+        assert wrong.returncode == 2 and message in wrong.stderr
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
