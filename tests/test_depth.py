@@ -142,3 +142,33 @@ def test_corrupt_then_unlearn_building_blocks(tiny_organism_dir, tiny_world):
     unlearn("gradient_ascent", model, None, tiny_world, corrupt, quick=True, seed=0)
     after = measure(model, tiny_world, corrupt)
     assert after["false"] < 0.5 * bad["false"]
+
+
+def test_depth_card_is_deterministic(rmu_dir, tiny_organism_dir, tiny_world):
+    """The same pair and seed give the same card on CPU (probes, relearning and the dynamic prefixes are seeded)."""
+    base, unl = mechun.load_model(tiny_organism_dir), mechun.load_model(rmu_dir)
+    cfg = DepthConfig(relearn_steps=(0, 5), seed=3)
+
+    def card():
+        c = depth_card(base, unl, tiny_world, "pathogen", relearn_copy=lambda: mechun.load_model(rmu_dir),
+                       config=cfg)
+        c.pop("seconds")
+        return json.dumps(c, sort_keys=True)
+
+    assert card() == card()
+
+
+def test_verdict_refuses_to_judge_when_nothing_was_forgotten():
+    from mechun.depth import verdict
+
+    forget = {f: {"base": 1.0, "unlearned": 0.95, "chance": 0.125, "removed_share": 0.057}
+              for f in ("train", "paraphrase", "mcq")}
+    card = {"behaviour": {"forget": forget}, "junk": {"recovery_by_format": {"train": 3.0}, "layer": 1},
+            "probes": {"retained_share": 1.0, "best_unlearned": 0.3, "best_base": 0.3}, "relearning": {"skipped": "n/a"}}
+    v = verdict(card)
+    assert v["hidden"] == [] and "Too little was forgotten" in v["line"]
+    forget["train"].update(unlearned=0.1, removed_share=1.03)
+    card["junk"]["recovery_by_format"]["train"] = 0.9
+    v = verdict(card)
+    assert any("single direction hides it" in h for h in v["hidden"])
+    assert "behaviour in train" in v["removed"][0]
