@@ -241,9 +241,34 @@ def _cmd_depth(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    files = [args.forget_mcq, args.retain_mcq, args.forget_prompts, args.retain_prompts]
+    if any(files) and not all(files):
+        raise FileNotFoundError("benchmark mode needs all of --forget-mcq, --retain-mcq, --forget-prompts and "
+                                "--retain-prompts")
+    if not any(files) and not args.forget:
+        raise FileNotFoundError("pass --forget DOMAIN (an organism pair) or the four benchmark files (--forget-mcq "
+                                "--retain-mcq --forget-prompts --retain-prompts)")
+    log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
+    kw = {"dtype": args.dtype}
+    kw.update({"device_map": args.device_map} if args.device_map else {"device": args.device})
+    if all(files):
+        from mechun.data import load_mcq
+        from mechun.depth import mcq_depth_card
+
+        forget_mcq = load_mcq(args.forget_mcq, style=args.mcq_style)
+        retain_mcq = load_mcq(args.retain_mcq, style=args.mcq_style)
+        read = lambda f: [x.strip() for x in Path(f).read_text().splitlines() if x.strip()]  # noqa: E731
+        base, unlearned = load_model(args.base, **kw), load_model(args.unlearned, **kw)
+        card = mcq_depth_card(base, unlearned, forget_mcq, retain_mcq, read(args.forget_prompts),
+                              read(args.retain_prompts), method=args.method or Path(args.unlearned).name,
+                              config=DepthConfig(seed=args.seed, junk_layer=args.layer), log=log)
+        card["models"] = {"base": str(args.base), "unlearned": str(args.unlearned)}
+        write_card(card, out)
+        print(json.dumps({"out": str(out), "verdict": card["verdict"]["line"]}))
+        return 0
     world = World.load(args.world or args.base)
-    base = load_model(args.base, device=args.device)
-    unlearned = load_model(args.unlearned, device=args.device)
+    base = load_model(args.base, **kw)
+    unlearned = load_model(args.unlearned, **kw)
     steering = None
     if (Path(args.unlearned) / "rmu.json").is_file():
         steering = load_steering(args.unlearned).get(args.forget)
@@ -254,9 +279,8 @@ def _cmd_depth(args) -> int:
         except ValueError:
             steps = (-1,)
         cfg = replace(cfg, relearn_steps=steps)
-    log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
     card = depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
-                      relearn_copy=lambda: load_model(args.unlearned, device=args.device), steering=steering,
+                      relearn_copy=lambda: load_model(args.unlearned, **kw), steering=steering,
                       config=cfg, log=log)
     card["models"] = {"base": str(args.base), "unlearned": str(args.unlearned)}
     write_card(card, out)
@@ -402,7 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("depth", help="unlearning depth card for a (base, unlearned) pair: removed or hidden?")
     de.add_argument("--base", required=True, help="base checkpoint dir (an organism: its world.json is used)")
     de.add_argument("--unlearned", required=True, help="unlearned checkpoint dir, made by any method")
-    de.add_argument("--forget", required=True, help="the forgotten domain, e.g. pathogen")
+    de.add_argument("--forget", help="organism pair: the forgotten domain, e.g. pathogen")
+    de.add_argument("--forget-mcq", help="benchmark mode (any checkpoints): forget MCQ file, e.g. WMDP-Bio .jsonl")
+    de.add_argument("--retain-mcq", help="benchmark mode: retain MCQ file, e.g. MMLU .parquet")
+    de.add_argument("--forget-prompts", help="benchmark mode: forget-domain text, one prompt per line")
+    de.add_argument("--retain-prompts", help="benchmark mode: retain text, one prompt per line")
+    de.add_argument("--mcq-style", default="mmlu", choices=["mmlu", "organism"], help="how questions are rendered")
+    de.add_argument("--device-map", default=None, help='e.g. "auto" to spread a 7B model over several GPUs')
+    de.add_argument("--dtype", default=None, help="e.g. bfloat16")
     de.add_argument("--method", help="label for the report (default: the unlearned dir's name)")
     de.add_argument("--layer", type=int, default=None,
                     help="layer of the junk direction (default: where the forget norm ratio peaks)")

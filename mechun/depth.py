@@ -46,13 +46,14 @@ from mechun.evaluate import (
     cloze_accuracy,
     evaluate_world,
     kl_divergence,
+    mcq_accuracy,
     mcq_permutation_scores,
     next_token_logprobs,
     robustly_known,
 )
 from mechun.interventions import Intervention, applied, project_out
 from mechun.models import check_layer, model_fingerprint, n_layers, publish_dir
-from mechun.organism.world import DOMAINS, World
+from mechun.organism.world import DOMAINS, LETTERS, MCQ, World
 from mechun.report import table, write_report
 from mechun.representation import cka_by_layer, probe_recoverability
 from mechun.rmu import diagnose_junk, random_direction_like, recovery_fraction
@@ -100,29 +101,48 @@ def _behaviour(base: Any, unlearned: Any, world: World, forget: str, interventio
     return {"accuracy": {"base": acc_base, "unlearned": acc_unl}, "forget": forget_acc, "mcq_all_orders": mcq_all}
 
 
-def _junk(base: Any, unlearned: Any, world: World, forget: str, intervention: Intervention | None,
-          cfg: DepthConfig, steering: Any, acc: Mapping) -> dict:
-    fp = [p.text for p in world.prompts(forget)]
-    rp = [p.text for d in _retain_domains() for p in world.prompts(d)]
-    diag = diagnose_junk(base, unlearned, fp, rp, steering=steering, unlearned_intervention=intervention)
+Scorer = Callable[[Any], dict[str, dict[str, float]]]
+"""``score(model) -> {"forget": {format: accuracy}, "retain": {format: accuracy}}``, run with hooks active."""
+
+
+def _junk_recovery(base: Any, unlearned: Any, forget_prompts: Sequence[str], retain_prompts: Sequence[str],
+                   score: Scorer, before: Mapping, intervention: Intervention | None, cfg: DepthConfig,
+                   steering: Any) -> dict:
+    """Diagnose the junk direction, ablate it from its layer on, and score; ``before`` holds the base and unlearned
+    forget scores (``{"base": {fmt: acc}, "unlearned": {fmt: acc}}``)."""
+    diag = diagnose_junk(base, unlearned, forget_prompts, retain_prompts, steering=steering,
+                         unlearned_intervention=intervention)
     L = n_layers(base)
     layer = cfg.junk_layer if cfg.junk_layer is not None else max(range(L), key=lambda i: diag.norm_ratio_forget[i])
     direction = diag.direction(layer)
     after = range(layer, L)
     with applied(intervention):
         with project_out(unlearned, direction, layers=after):
-            ablated = evaluate_world(unlearned, world, domains=[forget, *_retain_domains()])
+            ablated = score(unlearned)
         with project_out(unlearned, random_direction_like(direction.vector, seed=cfg.seed + 1000), layers=after):
-            rand = evaluate_world(unlearned, world, domains=[forget])
-    base_f, unl_f = acc["base"][forget], acc["unlearned"][forget]
+            rand = score(unlearned)
+    b, u = before["base"], before["unlearned"]
     return {
         "layer": layer, "norm_ratio_forget": diag.norm_ratio_forget, "norm_ratio_retain": diag.norm_ratio_retain,
         "cos_with_steering": diag.cos_with_steering["mean_diff"] if steering is not None else None,
-        "ablated_accuracy": ablated[forget],
-        "ablated_retain_accuracy": {f: statistics.fmean(ablated[d][f] for d in _retain_domains()) for f in FORMATS},
-        "recovery_by_format": {f: recovery_fraction(base_f[f], unl_f[f], ablated[forget][f]) for f in FORMATS},
-        "control_recovery": {f: recovery_fraction(base_f[f], unl_f[f], rand[forget][f]) for f in FORMATS},
+        "ablated_accuracy": ablated["forget"], "ablated_retain_accuracy": ablated["retain"],
+        "recovery_by_format": {f: recovery_fraction(b[f], u[f], ablated["forget"][f]) for f in b},
+        "control_recovery": {f: recovery_fraction(b[f], u[f], rand["forget"][f]) for f in b},
     }
+
+
+def _junk(base: Any, unlearned: Any, world: World, forget: str, intervention: Intervention | None,
+          cfg: DepthConfig, steering: Any, acc: Mapping) -> dict:
+    retain = _retain_domains()
+
+    def score(model: Any) -> dict[str, dict[str, float]]:
+        a = evaluate_world(model, world, domains=[forget, *retain])
+        return {"forget": a[forget], "retain": {f: statistics.fmean(a[d][f] for d in retain) for f in FORMATS}}
+
+    fp = [p.text for p in world.prompts(forget)]
+    rp = [p.text for d in retain for p in world.prompts(d)]
+    before = {"base": acc["base"][forget], "unlearned": acc["unlearned"][forget]}
+    return _junk_recovery(base, unlearned, fp, rp, score, before, intervention, cfg, steering)
 
 
 def _probe_data(world: World, domain: str) -> tuple[list[str], list[str], list[str]]:
@@ -172,6 +192,18 @@ def _relearning(relearn_copy: Callable[[], Any] | None, world: World, forget: st
             "n_relearn_prompts": len(train), "n_held_out_prompts": len(held)}
 
 
+def _nkl(base: Any, unlearned: Any, sets: Mapping[str, Sequence[str]], intervention: Intervention | None
+         ) -> dict[str, Any]:
+    """``nkl_{name}``: mean KL(P_unlearned || P_base) of the next token over each named prompt set."""
+    out: dict[str, Any] = {}
+    for name, texts in sets.items():
+        lp_base = next_token_logprobs(base, texts)
+        with applied(intervention):
+            lp_unl = next_token_logprobs(unlearned, texts)
+        out[f"nkl_{name}"] = float(kl_divergence(lp_unl, lp_base).mean())
+    return out
+
+
 def _specificity(base: Any, unlearned: Any, world: World, forget: str, intervention: Intervention | None,
                  cfg: DepthConfig) -> dict:
     retain = [p for d in _retain_domains() for p in world.prompts(d)]
@@ -180,12 +212,7 @@ def _specificity(base: Any, unlearned: Any, world: World, forget: str, intervent
     prefixes = [world.statement(rng.choice(forget_facts)) for _ in retain]
     static = [p.text for p in retain]
     dynamic = [f"{pre} {p}" for pre, p in zip(prefixes, static, strict=True)]
-    out: dict[str, Any] = {}
-    for name, texts in (("static", static), ("dynamic", dynamic), ("filler", world.filler[:64])):
-        lp_base = next_token_logprobs(base, texts)
-        with applied(intervention):
-            lp_unl = next_token_logprobs(unlearned, texts)
-        out[f"nkl_{name}"] = float(kl_divergence(lp_unl, lp_base).mean())
+    out = _nkl(base, unlearned, {"static": static, "dynamic": dynamic, "filler": world.filler[:64]}, intervention)
     answers = [p.answer for p in retain]
     acc = {}
     for name, texts in (("static", static), ("dynamic", dynamic)):
@@ -244,6 +271,81 @@ def depth_card(base: Any, unlearned: Any, world: World, forget: str, method: str
     return card
 
 
+def mcq_depth_card(base: Any, unlearned: Any, forget_mcq: Sequence[MCQ], retain_mcq: Sequence[MCQ],
+                   forget_prompts: Sequence[str], retain_prompts: Sequence[str], method: str = "",
+                   intervention: Intervention | None = None, steering: Any = None, config: DepthConfig | None = None,
+                   all_orders_max: int = 100, log: Callable[[str], None] | None = None) -> dict:
+    """The depth card for real checkpoints and benchmark files (e.g. zephyr-7b-beta vs Zephyr_RMU on WMDP-Bio and
+    MMLU, loaded with :func:`mechun.data.load_mcq`), where no synthetic world gives attribute labels.
+
+    Same layout as :func:`depth_card`, with MCQ as the one behavioural format: forget / retain MCQ accuracy, the
+    all-orders filter on the first ``all_orders_max`` forget questions (24 forwards each), junk-direction recovery
+    of forget MCQ accuracy (the direction from ``forget_prompts`` vs ``retain_prompts``), CKA on both prompt sets,
+    and specificity: retain MCQ accuracy and NKL on ``retain_prompts``, static and with a forget prompt prepended.
+    Probes and relearning need labelled facts and a training copy; they are marked skipped."""
+    cfg = config or DepthConfig()
+    if not forget_mcq or not retain_mcq or not forget_prompts or not retain_prompts:
+        raise MechunError("pass forget and retain MCQ questions and forget and retain prompts (none may be empty)")
+    if cfg.junk_layer is not None:
+        cfg = replace(cfg, junk_layer=check_layer(base, cfg.junk_layer))
+    if n_layers(base) != n_layers(unlearned):
+        raise MechunError("base and unlearned models differ in depth; a depth card compares one architecture")
+    say = log or (lambda _m: None)
+    fp_base, fp_unl = model_fingerprint(base), model_fingerprint(unlearned)
+    t0 = time.time()
+    chance = 1 / len(LETTERS)
+
+    def score(model: Any) -> dict[str, dict[str, float]]:
+        return {"forget": {"mcq": mcq_accuracy(model, forget_mcq)}, "retain": {"mcq": mcq_accuracy(model, retain_mcq)}}
+
+    say("depth card: behaviour")
+    before_base = score(base)
+    with applied(intervention):
+        before_unl = score(unlearned)
+    subset = list(forget_mcq)[:all_orders_max]
+    known = robustly_known(base, subset)
+    mcq_all: dict[str, Any] = {"n_robust_in_base": len(known), "n_questions": len(subset)}
+    if known:
+        with applied(intervention):
+            perm = mcq_permutation_scores(unlearned, known)
+        mcq_all.update(unlearned_accuracy_all_orders=perm.accuracy, unlearned_robust=perm.robust_accuracy)
+    fb, fu = before_base["forget"]["mcq"], before_unl["forget"]["mcq"]
+    card: dict[str, Any] = {
+        "method": method, "forget_domain": "loaded MCQ", "primary_format": "mcq", "config": asdict(cfg),
+        "fingerprints": {"base": fp_base, "unlearned": fp_unl}, "intervention": intervention is not None,
+        "behaviour": {"accuracy": {"base": before_base, "unlearned": before_unl}, "mcq_all_orders": mcq_all,
+                      "forget": {"mcq": {"base": fb, "unlearned": fu, "chance": chance,
+                                         "removed_share": _drop_share(fb, fu, chance)}}},
+    }
+    say("depth card: junk direction")
+    card["junk"] = _junk_recovery(base, unlearned, forget_prompts, retain_prompts, score,
+                                  {"base": before_base["forget"], "unlearned": before_unl["forget"]}, intervention,
+                                  cfg, steering)
+    card["probes"] = {"skipped": "loaded MCQ data has no per-subject attribute labels to probe for"}
+    card["relearning"] = {"skipped": "relearning on benchmark files is not implemented; use depth_card on an organism"}
+    say("depth card: CKA")
+    card["cka"] = {"forget": cka_by_layer(base, unlearned, forget_prompts, context=intervention),
+                   "retain": cka_by_layer(base, unlearned, retain_prompts, context=intervention)}
+    say("depth card: specificity")
+    rng = random.Random(f"depth-dynamic-{cfg.seed}")
+    prefixes = [rng.choice(list(forget_prompts)) for _ in retain_prompts]
+    dynamic = [f"{pre} {p}" for pre, p in zip(prefixes, retain_prompts, strict=True)]
+    spec = _nkl(base, unlearned, {"static": list(retain_prompts), "dynamic": dynamic}, intervention)
+    in_context = [MCQ(f"{rng.choice(list(forget_prompts))} {q.text}", q.choices, q.answer_index, q.fact, q.question,
+                      q.style, q.source) for q in retain_mcq]
+    with applied(intervention):
+        dyn_unl = mcq_accuracy(unlearned, in_context)
+    spec["retain_accuracy"] = {"static": {"base": before_base["retain"]["mcq"], "unlearned": before_unl["retain"]["mcq"]},
+                               "dynamic": {"base": mcq_accuracy(base, in_context), "unlearned": dyn_unl}}
+    card["specificity"] = spec
+    if (model_fingerprint(base), model_fingerprint(unlearned)) != (fp_base, fp_unl):
+        raise MechunError("a model's weights changed while measuring the depth card (a bug: analysis must not "
+                          "train the models it measures)")
+    card["verdict"] = verdict(card)
+    card["seconds"] = round(time.time() - t0, 1)
+    return card
+
+
 def _nan(x: Any) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
@@ -259,18 +361,19 @@ def verdict(card: Mapping) -> dict:
         removed.append(f"behaviour in {', '.join(forgotten)}")
     if not_forgotten:
         kept.append(f"{', '.join(not_forgotten)} (less than {REMOVED:.0%} of the above-chance accuracy gone)")
-    if _nan(shares["train"]) or shares["train"] < MIN_FORGOTTEN:
-        line = (f"Too little was forgotten in the trained format (removed share {shares['train']:.0%} < "
+    primary = card.get("primary_format", "train")
+    if _nan(shares[primary]) or shares[primary] < MIN_FORGOTTEN:
+        line = (f"Too little was forgotten in the {primary} format (removed share {shares[primary]:.0%} < "
                 f"{MIN_FORGOTTEN:.0%}) for recovery tests to mean anything: nothing to call removed or hidden.")
-        return {"removed": [], "hidden": [], "kept": [f"{', '.join(FORMATS)}"], "line": line,
+        return {"removed": [], "hidden": [], "kept": [", ".join(shares)], "line": line,
                 "thresholds": {"removed": REMOVED, "hidden": HIDDEN, "min_forgotten": MIN_FORGOTTEN}}
-    rec = card["junk"]["recovery_by_format"]["train"]
+    rec = card["junk"]["recovery_by_format"][primary]
     if not _nan(rec):
         what = "a single direction hides it" if rec >= HIDDEN else "no single direction hides it"
         (hidden if rec >= HIDDEN else removed).append(
             f"{what} (ablating the junk direction from layer {card['junk']['layer']} on restores {rec:.0%} of "
-            f"trained-template accuracy)")
-    share = card["probes"]["retained_share"]
+            f"the forgotten {primary} accuracy)")
+    share = card["probes"].get("retained_share")
     if not _nan(share):
         (hidden if share >= HIDDEN else removed).append(
             f"linear probes on held-out subjects decode {card['probes']['best_unlearned']:.2f} vs base "
@@ -322,11 +425,14 @@ def card_blocks(card: Mapping, heading: str = "") -> list:
                _layer_figure("Norm ratio unlearned / base by layer", {"forget": card["junk"]["norm_ratio_forget"],
                                                                       "retain": card["junk"]["norm_ratio_retain"]},
                              "norm ratio"),
-               ("h3", "Probe recoverability (held-out subjects, last token)"),
-               _layer_figure("Linear-probe accuracy on held-out subjects, by layer",
-                             {"base": card["probes"]["base"]["accuracy"],
-                              "unlearned": card["probes"]["unlearned"]["accuracy"]}, "accuracy",
-                             card["probes"]["base"]["chance"])]
+               ("h3", "Probe recoverability (held-out subjects, last token)")]
+    if "skipped" in card["probes"]:
+        blocks.append(f"<p>Probes: {card['probes']['skipped']}.</p>")
+    else:
+        blocks.append(_layer_figure("Linear-probe accuracy on held-out subjects, by layer",
+                                    {"base": card["probes"]["base"]["accuracy"],
+                                     "unlearned": card["probes"]["unlearned"]["accuracy"]}, "accuracy",
+                                    card["probes"]["base"]["chance"]))
     rl = card["relearning"]
     if "skipped" in rl:
         blocks.append(f"<p>Relearning: {rl['skipped']}.</p>")
@@ -345,7 +451,7 @@ def card_blocks(card: Mapping, heading: str = "") -> list:
                ("h3", "Specificity (retain domains)"),
                table([{"prompts": k, "retain acc. base": v["base"], "retain acc. unlearned": v["unlearned"],
                        "NKL (nats)": s[f"nkl_{k}"]} for k, v in s["retain_accuracy"].items()]
-                     + [{"prompts": "filler", "NKL (nats)": s["nkl_filler"]}]),
+                     + ([{"prompts": "filler", "NKL (nats)": s["nkl_filler"]}] if "nkl_filler" in s else [])),
                "<p>NKL is the true KL(P_unlearned ‖ P_base) of the next-token distribution, summed over the "
                "vocabulary (CounterFact+'s code divides it by the vocabulary size). <i>dynamic</i>: a forget-domain "
                "sentence is prepended to each retain prompt.</p>"]
@@ -354,11 +460,12 @@ def card_blocks(card: Mapping, heading: str = "") -> list:
 
 def summary_row(card: Mapping) -> dict[str, Any]:
     """The card's headline numbers, one flat row (for comparison tables and seed aggregation)."""
-    b, j, rl = card["behaviour"]["forget"], card["junk"], card["relearning"]
-    row: dict[str, Any] = {f"forget {f}": b[f]["unlearned"] for f in FORMATS}
-    row.update({"junk recovery": j["recovery_by_format"]["train"], "probe best (unl.)": card["probes"]["best_unlearned"],
-                "probe best (base)": card["probes"]["best_base"]})
-    row["relearn regained (peak)"] = rl["peak_regained_share"] if "skipped" not in rl else float("nan")
+    b, j, rl, pr = card["behaviour"]["forget"], card["junk"], card["relearning"], card["probes"]
+    nan = float("nan")
+    row: dict[str, Any] = {f"forget {f}": a["unlearned"] for f, a in b.items()}
+    row.update({"junk recovery": j["recovery_by_format"][card.get("primary_format", "train")],
+                "probe best (unl.)": pr.get("best_unlearned", nan), "probe best (base)": pr.get("best_base", nan)})
+    row["relearn regained (peak)"] = rl["peak_regained_share"] if "skipped" not in rl else nan
     row["CKA forget (min)"] = min(card["cka"]["forget"])
     row["CKA retain (min)"] = min(card["cka"]["retain"])
     row["retain acc. static"] = card["specificity"]["retain_accuracy"]["static"]["unlearned"]

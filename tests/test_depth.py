@@ -172,3 +172,31 @@ def test_verdict_refuses_to_judge_when_nothing_was_forgotten():
     v = verdict(card)
     assert any("single direction hides it" in h for h in v["hidden"])
     assert "behaviour in train" in v["removed"][0]
+
+
+def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, tiny_world, tmp_path):
+    """Real-checkpoint mode: MCQ files in the WMDP/MMLU schema plus prompt files, no world needed. The files are
+    written in the organism's vocabulary (its own MCQ style) so the tiny organism can answer them."""
+    from mechun.data import write_jsonl
+
+    def records(domain):
+        return [{"question": q.question, "choices": list(q.choices), "answer": q.answer_index}
+                for q in tiny_world.mcq(domain, seed=0)]
+
+    write_jsonl(tmp_path / "forget.jsonl", records("pathogen"))
+    write_jsonl(tmp_path / "retain.jsonl", records("sports") + records("people"))
+    (tmp_path / "forget.txt").write_text("\n".join(p.text for p in tiny_world.prompts("pathogen")))
+    (tmp_path / "retain.txt").write_text("\n".join(p.text for p in tiny_world.prompts("sports")))
+    args = ["depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--mcq-style", "organism",
+            "--forget-mcq", str(tmp_path / "forget.jsonl"), "--retain-mcq", str(tmp_path / "retain.jsonl"),
+            "--forget-prompts", str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt")]
+    run_cli(*args, "--out", str(tmp_path / "card"), "--no-progress")
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    mcq = card["behaviour"]["forget"]["mcq"]
+    assert card["primary_format"] == "mcq" and mcq["base"] > mcq["unlearned"]  # trained orders: the base knows them
+    assert card["junk"]["layer"] == 1 and set(card["junk"]["recovery_by_format"]) == {"mcq"}
+    assert "skipped" in card["probes"] and "skipped" in card["relearning"]
+    assert len(card["cka"]["forget"]) == 3 and card["specificity"]["nkl_dynamic"] >= 0
+    assert (tmp_path / "card" / "report.html").is_file()
+    half = run_cli(*args[:-2], "--out", str(tmp_path / "half"), check=False)  # no --retain-prompts
+    assert half.returncode == 2 and "needs all of" in half.stderr and not (tmp_path / "half").exists()
