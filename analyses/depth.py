@@ -70,7 +70,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     rmu_cfg = replace(rmu_cfg, forget_domains=[FORGET])
     lft_steps = 60 if quick else 150
     n_mlps = 1 if L <= 3 else 2
-    depth_cfg = DepthConfig(relearn_steps=(0, 5, 10, 20) if quick else (0, 5, 10, 20, 40))
+    depth_cfg = DepthConfig(relearn_steps=(0, 5, 10) if quick else (0, 5, 10, 20, 40), probe_steps=150 if quick else 300)
     mlp_scores = localize_forget(base, world, n_facts=3 if quick else 6, seed=seed)
     log(f"causal tracing (MLP, last subject token) on '{FORGET}': {[round(s, 3) for s in mlp_scores]}")
     forget_texts, retain_texts = world.corpora([FORGET], mcq_per_fact=mcq_orders_trained(ckpt))
