@@ -14,8 +14,10 @@ probes             held-out-subject linear probes at the last token, per layer: 
 relearning         fine-tune on half the forgotten facts for k steps; accuracy on the *other* half (never trained
                    after unlearning: anything above the unlearned level was hidden, not removed)
 cka                linear CKA between base and unlearned activations, per layer, on forget and retain prompts
-specificity        retain accuracy and NKL (true KL, nats) on retain prompts, static and with a forget-domain
-                   sentence prepended (dynamic: does forget content in context break unrelated recall?)
+specificity        the neighbourhood: retain accuracy and NKL (true KL, nats) on retain prompts, static and with a
+                   forget-domain sentence prepended (CounterFact+'s dynamic form: does forget content in context
+                   break unrelated recall?). Unlearning removes a whole domain, so every other subject of a forget
+                   relation is forgotten too; the retain domains are the neighbourhood that must stay intact
 =================  =============================================================================================
 
 Nothing here changes either model's weights: relearning runs on a fresh copy the caller provides.
@@ -448,7 +450,7 @@ def card_blocks(card: Mapping, heading: str = "") -> list:
     s = card["specificity"]
     blocks += [("h3", "Representation similarity"),
                _layer_figure("Linear CKA(base, unlearned) by layer", card["cka"], "CKA"),
-               ("h3", "Specificity (retain domains)"),
+               ("h3", "Specificity: the neighbourhood (retain domains), static and dynamic"),
                table([{"prompts": k, "retain acc. base": v["base"], "retain acc. unlearned": v["unlearned"],
                        "NKL (nats)": s[f"nkl_{k}"]} for k, v in s["retain_accuracy"].items()]
                      + ([{"prompts": "filler", "NKL (nats)": s["nkl_filler"]}] if "nkl_filler" in s else [])),
