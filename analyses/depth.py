@@ -26,8 +26,8 @@ import plotly.graph_objects as go
 from analyses.common import setup
 from analyses.rmu_shallowness import settings as rmu_settings
 from mechun.depth import DepthConfig, aggregate_cards, card_blocks, depth_card, write_card
-from mechun.edit import localized_finetune, mask_from_scores
-from mechun.localize import causal_trace, subject_positions
+from mechun.edit import localized_finetune, top_mlp_mask
+from mechun.localize import mlp_trace_scores
 from mechun.models import load_model, n_layers, save_model
 from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import DOMAINS, World, relation
@@ -40,21 +40,14 @@ METHODS = ("rmu", "localized_ft")
 
 def localize_forget(model: Any, world: World, n_facts: int, seed: int) -> list[float]:
     """Per-layer MLP indirect effect (causal tracing, last subject token), averaged over forget facts."""
-    L = n_layers(model)
-    scores = [0.0] * L
-    facts = world.facts_of(FORGET)[:n_facts]
-    for f in facts:
-        prompt = relation(f.relation).templates[0].format(s=f.subject)
-        res = causal_trace(model, prompt, f.answer, f.subject, kind="mlp", samples=5, seed=seed)
-        pos = subject_positions(model, prompt, f.subject)[-1]
-        scores = [s + float(res.scores[layer, pos]) / len(facts) for layer, s in enumerate(scores)]
-    return scores
+    items = [(relation(f.relation).templates[0].format(s=f.subject), f.answer, f.subject)
+             for f in world.facts_of(FORGET)[:n_facts]]
+    return mlp_trace_scores(model, items, seed=seed)
 
 
 def localized_unlearn(model: Any, world: World, mlp_scores: list[float], n_mlps: int, steps: int, seed: int) -> dict:
     """Masked fine-tuning of the top ``n_mlps`` MLPs (in place)."""
-    budget = sum(p.numel() for p in model.blocks[0].mlp.parameters()) * n_mlps
-    mask = mask_from_scores(model, {("mlp", i): v for i, v in enumerate(mlp_scores)}, budget, "causal-tracing MLPs")
+    mask = top_mlp_mask(model, mlp_scores, n_mlps, "causal-tracing MLPs")
     forget = world.prompts(FORGET)
     retain = [(p.text, p.answer) for d, k in DOMAINS.items() if k == "retain" for p in world.prompts(d)]
     localized_finetune(model, mask, [p.text for p in forget], [p.answer for p in forget], mode="unlearn",

@@ -27,10 +27,10 @@ import plotly.graph_objects as go
 import torch
 
 from analyses.common import setup
-from mechun.edit import localized_finetune, mask_from_scores
+from mechun.edit import localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy, neighbourhood_scores, next_token_logprobs
-from mechun.localize import causal_trace, subject_positions
-from mechun.models import bare_forward_view, load_model, model_fingerprint, n_layers
+from mechun.localize import mlp_trace_scores
+from mechun.models import bare_forward_view, load_model, model_fingerprint
 from mechun.organism.world import Fact, World, relation
 from mechun.report import table, write_report
 
@@ -68,11 +68,8 @@ def measure(model: Any, world: World, fact: Fact, new: str) -> dict[str, Any]:
 def edit_once(model: Any, world: World, fact: Fact, new: str, steps: int, seed: int) -> dict:
     """Localize, edit in place, return the mask description. The caller restores the weights."""
     prompt = relation(fact.relation).templates[0].format(s=fact.subject)
-    trace = causal_trace(model, prompt, fact.answer, fact.subject, kind="mlp", samples=5, seed=seed)
-    pos = subject_positions(model, prompt, fact.subject)[-1]
-    scores = {("mlp", layer): float(trace.scores[layer, pos]) for layer in range(n_layers(model))}
-    budget = sum(p.numel() for p in model.blocks[0].mlp.parameters())
-    mask = mask_from_scores(model, scores, budget, "causal-tracing MLP")
+    scores = mlp_trace_scores(model, [(prompt, fact.answer, fact.subject)], seed=seed)
+    mask = top_mlp_mask(model, scores, 1, "causal-tracing MLP")
     prompts = world.prompts(facts=[fact])
     others = [(p.text, p.answer) for p in world.prompts(facts=[f for f in world.facts if f.subject != fact.subject])]
     localized_finetune(model, mask, [p.text for p in prompts], [new] * len(prompts), mode="learn", maintain=others,

@@ -30,9 +30,9 @@ from typing import Any
 import plotly.graph_objects as go
 
 from analyses.common import setup
-from mechun.edit import full_mask, localized_finetune, mask_from_scores
+from mechun.edit import full_mask, localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy
-from mechun.localize import causal_trace, subject_positions
+from mechun.localize import mlp_trace_scores
 from mechun.models import load_model, n_layers, save_model
 from mechun.organism.world import Fact, Prompt, World, relation
 from mechun.report import table, write_report
@@ -51,59 +51,54 @@ def corruption(world: World, seed: int) -> list[tuple[Fact, str]]:
             for f in world.facts_of(DOMAIN) if f.subject in chosen]
 
 
-def _with_answer(prompts: list[Prompt], answers: dict[str, str]) -> list[Prompt]:
-    return [Prompt(p.text, answers[p.fact.subject + "/" + p.fact.relation], p.fact, p.template) for p in prompts]
+def _sets(world: World, corrupt: list[tuple[Fact, str]]) -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
+    """The corrupted facts' prompts with their true answers, the same prompts with the false values, and every
+    other fact's prompts (the retain set)."""
+    false = dict(corrupt)
+    true = world.prompts(facts=list(false))
+    wrong = [Prompt(p.text, false[p.fact], p.fact, p.template) for p in true]
+    return true, wrong, world.prompts(facts=[f for f in world.facts if f not in false])
 
 
 def measure(model: Any, world: World, corrupt: list[tuple[Fact, str]]) -> dict[str, float]:
-    facts = [f for f, _ in corrupt]
-    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
-    prompts = world.prompts(facts=facts)
-    others = world.prompts(facts=[f for f in world.facts if f not in facts])
-    return {"true": cloze_accuracy(model, prompts), "false": cloze_accuracy(model, _with_answer(prompts, false)),
+    true, wrong, others = _sets(world, corrupt)
+    return {"true": cloze_accuracy(model, true), "false": cloze_accuracy(model, wrong),
             "retain": cloze_accuracy(model, others)}
 
 
 def unlearn(method: str, model: Any, frozen: Any, world: World, corrupt: list[tuple[Fact, str]], quick: bool,
             seed: int) -> dict:
-    facts = [f for f, _ in corrupt]
-    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
-    prompts = _with_answer(world.prompts(facts=facts), false)
-    statements = [f"{p.text} {p.answer} ." for p in prompts]
-    maintain = [(p.text, p.answer) for p in world.prompts(facts=[f for f in world.facts if f not in facts])]
+    """Unlearn the corruption from ``model`` in place; ``frozen`` (a second copy of the corrupted model) is only
+    used by RMU."""
+    _, wrong, others = _sets(world, corrupt)
+    texts, answers = [p.text for p in wrong], [p.answer for p in wrong]
+    maintain = [(p.text, p.answer) for p in others]
     steps = 60 if quick else 120
     if method == "gradient_ascent":
-        localized_finetune(model, full_mask(model), [p.text for p in prompts], [p.answer for p in prompts],
-                           mode="ascent", maintain=maintain, steps=steps, lr=1e-4, seed=seed)
+        localized_finetune(model, full_mask(model), texts, answers, mode="ascent", maintain=maintain, steps=steps,
+                           lr=1e-4, seed=seed)
         return {"steps": steps, "lr": 1e-4}
     if method == "localized_ft":
-        L = n_layers(model)
-        scores = [0.0] * L
-        for p in prompts[:: len(relation(prompts[0].fact.relation).train_templates)][:4]:
-            tr = causal_trace(model, p.text, p.answer, p.fact.subject, kind="mlp", samples=5, seed=seed)
-            pos = subject_positions(model, p.text, p.fact.subject)[-1]
-            scores = [s + float(tr.scores[layer, pos]) for layer, s in enumerate(scores)]
-        n_mlps = 1 if L <= 3 else 2
-        budget = sum(p.numel() for p in model.blocks[0].mlp.parameters()) * n_mlps
-        mask = mask_from_scores(model, {("mlp", i): v for i, v in enumerate(scores)}, budget, "causal tracing")
-        localized_finetune(model, mask, [p.text for p in prompts], [p.answer for p in prompts], mode="unlearn",
-                           maintain=maintain, lm_texts=world.filler, steps=steps, lr=1e-3, seed=seed)
+        items = [(p.text, p.answer, p.fact.subject) for p in wrong if p.template == 0][:4]
+        mask = top_mlp_mask(model, mlp_trace_scores(model, items, seed=seed), 1 if n_layers(model) <= 3 else 2,
+                            "causal tracing")
+        localized_finetune(model, mask, texts, answers, mode="unlearn", maintain=maintain, lm_texts=world.filler,
+                           steps=steps, lr=1e-3, seed=seed)
         return {"steps": steps, "components": [list(c) for c in mask.components]}
-    subjects = {f.subject for f in facts}
+    subjects = {f.subject for f, _ in corrupt}
     retain = [t for t in world.training_texts(mcq_per_fact=1) if not any(s in t for s in subjects)]
     cfg = RMUConfig(["corruption"], layer=max(1, n_layers(model) // 2 - 1), steps=steps * 2, auto_coeff_mult=5.0,
                     seed=seed)
+    statements = [f"{t} {a} ." for t, a in zip(texts, answers, strict=True)]
     res = rmu_unlearn(model, frozen, {"corruption": statements}, retain, cfg, progress=False)
     return {"steps": cfg.steps, "layer": res.config.layer, "steering_coeff": res.config.steering_coeff}
 
 
 def corrupt_model(model: Any, world: World, corrupt: list[tuple[Fact, str]], quick: bool, seed: int) -> None:
-    facts = [f for f, _ in corrupt]
-    false = {f.subject + "/" + f.relation: v for f, v in corrupt}
-    prompts = _with_answer(world.prompts(facts=facts), false)
-    maintain = [(p.text, p.answer) for p in world.prompts(facts=[f for f in world.facts if f not in facts])]
-    localized_finetune(model, full_mask(model), [p.text for p in prompts], [p.answer for p in prompts], mode="learn",
-                       maintain=maintain, lm_texts=world.filler, steps=60 if quick else 100, lr=1e-3, seed=seed)
+    _, wrong, others = _sets(world, corrupt)
+    localized_finetune(model, full_mask(model), [p.text for p in wrong], [p.answer for p in wrong], mode="learn",
+                       maintain=[(p.text, p.answer) for p in others], lm_texts=world.filler,
+                       steps=60 if quick else 100, lr=1e-3, seed=seed)
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
@@ -123,7 +118,8 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         log(f"seed {s}: clean true {clean['true']:.2f}; corrupted true {corrupted['true']:.2f} false "
             f"{corrupted['false']:.2f}")
         for method in METHODS:
-            m, frozen = load_model(corrupted_dir, device="cpu"), load_model(corrupted_dir, device="cpu")
+            m = load_model(corrupted_dir, device="cpu")
+            frozen = load_model(corrupted_dir, device="cpu") if method == "rmu" else None
             info = unlearn(method, m, frozen, world, corrupt, quick, s)
             after = measure(m, world, corrupt)
             rows.append({"seed": s, "method": method, **info, "clean": clean, "corrupted": corrupted, "after": after,

@@ -57,8 +57,8 @@ from mechun.interventions import Intervention, applied, project_out
 from mechun.models import check_layer, model_fingerprint, n_layers, publish_dir
 from mechun.organism.world import DOMAINS, LETTERS, MCQ, World
 from mechun.report import table, write_report
-from mechun.representation import cka_by_layer, probe_recoverability
-from mechun.rmu import diagnose_junk, random_direction_like, recovery_fraction
+from mechun.representation import cka_between, probe_recoverability
+from mechun.rmu import diagnose_junk, pair_caches, random_direction_like, recovery_fraction
 
 # Verdict thresholds (shares of the above-chance knowledge); documented in the card itself.
 REMOVED = 0.8  # a format counts as forgotten when >= 80% of its above-chance accuracy is gone
@@ -109,11 +109,11 @@ Scorer = Callable[[Any], dict[str, dict[str, float]]]
 
 def _junk_recovery(base: Any, unlearned: Any, forget_prompts: Sequence[str], retain_prompts: Sequence[str],
                    score: Scorer, before: Mapping, intervention: Intervention | None, cfg: DepthConfig,
-                   steering: Any) -> dict:
+                   steering: Any, caches: tuple) -> dict:
     """Diagnose the junk direction, ablate it from its layer on, and score; ``before`` holds the base and unlearned
-    forget scores (``{"base": {fmt: acc}, "unlearned": {fmt: acc}}``)."""
-    diag = diagnose_junk(base, unlearned, forget_prompts, retain_prompts, steering=steering,
-                         unlearned_intervention=intervention)
+    forget scores (``{"base": {fmt: acc}, "unlearned": {fmt: acc}}``), ``caches`` the :func:`pair_caches` of the
+    prompts."""
+    diag = diagnose_junk(base, unlearned, forget_prompts, retain_prompts, steering=steering, caches=caches)
     L = n_layers(base)
     layer = cfg.junk_layer if cfg.junk_layer is not None else max(range(L), key=lambda i: diag.norm_ratio_forget[i])
     direction = diag.direction(layer)
@@ -134,17 +134,22 @@ def _junk_recovery(base: Any, unlearned: Any, forget_prompts: Sequence[str], ret
 
 
 def _junk(base: Any, unlearned: Any, world: World, forget: str, intervention: Intervention | None,
-          cfg: DepthConfig, steering: Any, acc: Mapping) -> dict:
+          cfg: DepthConfig, steering: Any, acc: Mapping, caches: tuple) -> dict:
     retain = _retain_domains()
 
     def score(model: Any) -> dict[str, dict[str, float]]:
         a = evaluate_world(model, world, domains=[forget, *retain])
         return {"forget": a[forget], "retain": {f: statistics.fmean(a[d][f] for d in retain) for f in FORMATS}}
 
-    fp = [p.text for p in world.prompts(forget)]
-    rp = [p.text for d in retain for p in world.prompts(d)]
+    fp, rp = _cloze_texts(world, forget)
     before = {"base": acc["base"][forget], "unlearned": acc["unlearned"][forget]}
-    return _junk_recovery(base, unlearned, fp, rp, score, before, intervention, cfg, steering)
+    return _junk_recovery(base, unlearned, fp, rp, score, before, intervention, cfg, steering, caches)
+
+
+def _cloze_texts(world: World, forget: str) -> tuple[list[str], list[str]]:
+    """The trained-template prompts of the forget domain and of the retain domains."""
+    return ([p.text for p in world.prompts(forget)],
+            [p.text for d in _retain_domains() for p in world.prompts(d)])
 
 
 def _probe_data(world: World, domain: str) -> tuple[list[str], list[str], list[str]]:
@@ -207,7 +212,8 @@ def _nkl(base: Any, unlearned: Any, sets: Mapping[str, Sequence[str]], intervent
 
 
 def _specificity(base: Any, unlearned: Any, world: World, forget: str, intervention: Intervention | None,
-                 cfg: DepthConfig) -> dict:
+                 cfg: DepthConfig, acc: Mapping) -> dict:
+    """NKL and retain accuracy, static (from the behaviour section's trained-template numbers) and dynamic."""
     retain = [p for d in _retain_domains() for p in world.prompts(d)]
     rng = random.Random(f"depth-dynamic-{cfg.seed}")
     forget_facts = world.facts_of(forget)
@@ -216,13 +222,11 @@ def _specificity(base: Any, unlearned: Any, world: World, forget: str, intervent
     dynamic = [f"{pre} {p}" for pre, p in zip(prefixes, static, strict=True)]
     out = _nkl(base, unlearned, {"static": static, "dynamic": dynamic, "filler": world.filler[:64]}, intervention)
     answers = [p.answer for p in retain]
-    acc = {}
-    for name, texts in (("static", static), ("dynamic", dynamic)):
-        b = float(answer_correct(base, texts, answers).float().mean())
-        with applied(intervention):
-            u = float(answer_correct(unlearned, texts, answers).float().mean())
-        acc[name] = {"base": b, "unlearned": u}
-    out["retain_accuracy"] = acc
+    with applied(intervention):
+        dyn_unl = float(answer_correct(unlearned, dynamic, answers).float().mean())
+    out["retain_accuracy"] = {
+        "static": {k: statistics.fmean(acc[k][d]["train"] for d in _retain_domains()) for k in ("base", "unlearned")},
+        "dynamic": {"base": float(answer_correct(base, dynamic, answers).float().mean()), "unlearned": dyn_unl}}
     return out
 
 
@@ -235,41 +239,49 @@ def depth_card(base: Any, unlearned: Any, world: World, forget: str, method: str
     ``unlearned`` may be ``base`` itself with an ``intervention`` (SAE clamping). ``relearn_copy()`` returns a fresh
     trainable copy of the unlearned model for the relearning test (e.g. ``lambda: load_model(dir)``); without it that
     section is marked skipped. ``steering`` (RMU's vector, if known) adds the junk direction's cosine with it."""
+    if forget not in DOMAINS:
+        raise MechunError(f"unknown forget domain {forget!r}; the world has {list(DOMAINS)}")
+    cfg, card = _start(base, unlearned, config, method, intervention)
+    card["forget_domain"] = forget
+    say = log or (lambda _m: None)
+    say("depth card: behaviour")
+    card["behaviour"] = _behaviour(base, unlearned, world, forget, intervention)
+    acc = card["behaviour"]["accuracy"]
+    say("depth card: junk direction")
+    caches = pair_caches(base, unlearned, *_cloze_texts(world, forget), unlearned_intervention=intervention)
+    card["junk"] = _junk(base, unlearned, world, forget, intervention, cfg, steering, acc, caches)
+    say("depth card: probes")
+    card["probes"] = _probes(base, unlearned, world, forget, intervention, cfg)
+    say("depth card: relearning")
+    card["relearning"] = _relearning(relearn_copy, world, forget, cfg, card["behaviour"]["forget"]["train"]["base"])
+    card["cka"] = {"forget": cka_between(caches[0], caches[1]), "retain": cka_between(caches[2], caches[3])}
+    say("depth card: specificity")
+    card["specificity"] = _specificity(base, unlearned, world, forget, intervention, cfg, acc)
+    return _finish(card, base, unlearned)
+
+
+def _start(base: Any, unlearned: Any, config: DepthConfig | None, method: str,
+           intervention: Intervention | None) -> tuple[DepthConfig, dict[str, Any]]:
+    """Validate the config against the models; the card's header (with both fingerprints, checked at the end)."""
     cfg = config or DepthConfig()
     if not cfg.relearn_steps or any(not isinstance(k, int) or k < 0 for k in cfg.relearn_steps):
         raise MechunError(f"relearn_steps must be non-negative integers, e.g. 0,5,10,20 (got {cfg.relearn_steps})")
     if cfg.junk_layer is not None:
         cfg = replace(cfg, junk_layer=check_layer(base, cfg.junk_layer))
-    if forget not in DOMAINS:
-        raise MechunError(f"unknown forget domain {forget!r}; the world has {list(DOMAINS)}")
     if n_layers(base) != n_layers(unlearned):
         raise MechunError("base and unlearned models differ in depth; a depth card compares one architecture")
-    say = log or (lambda _m: None)
-    fp_base, fp_unl = model_fingerprint(base), model_fingerprint(unlearned)
-    t0 = time.time()
-    card: dict[str, Any] = {"method": method, "forget_domain": forget, "config": asdict(cfg),
-                            "fingerprints": {"base": fp_base, "unlearned": fp_unl},
-                            "intervention": intervention is not None}
-    say("depth card: behaviour")
-    card["behaviour"] = _behaviour(base, unlearned, world, forget, intervention)
-    say("depth card: junk direction")
-    card["junk"] = _junk(base, unlearned, world, forget, intervention, cfg, steering, card["behaviour"]["accuracy"])
-    say("depth card: probes")
-    card["probes"] = _probes(base, unlearned, world, forget, intervention, cfg)
-    say("depth card: relearning")
-    card["relearning"] = _relearning(relearn_copy, world, forget, cfg, card["behaviour"]["forget"]["train"]["base"])
-    say("depth card: CKA")
-    fp = [p.text for p in world.prompts(forget)]
-    rp = [p.text for d in _retain_domains() for p in world.prompts(d)]
-    card["cka"] = {"forget": cka_by_layer(base, unlearned, fp, context=intervention),
-                   "retain": cka_by_layer(base, unlearned, rp, context=intervention)}
-    say("depth card: specificity")
-    card["specificity"] = _specificity(base, unlearned, world, forget, intervention, cfg)
-    if (model_fingerprint(base), model_fingerprint(unlearned)) != (fp_base, fp_unl):
+    return cfg, {"method": method, "config": asdict(cfg), "intervention": intervention is not None,
+                 "fingerprints": {"base": model_fingerprint(base), "unlearned": model_fingerprint(unlearned)},
+                 "_t0": time.time()}
+
+
+def _finish(card: dict[str, Any], base: Any, unlearned: Any) -> dict[str, Any]:
+    """Check that no weight moved, add the verdict and the time taken."""
+    if {"base": model_fingerprint(base), "unlearned": model_fingerprint(unlearned)} != card["fingerprints"]:
         raise MechunError("a model's weights changed while measuring the depth card (a bug: analysis must not "
                           "train the models it measures)")
     card["verdict"] = verdict(card)
-    card["seconds"] = round(time.time() - t0, 1)
+    card["seconds"] = round(time.time() - card.pop("_t0"), 1)
     return card
 
 
@@ -285,16 +297,10 @@ def mcq_depth_card(base: Any, unlearned: Any, forget_mcq: Sequence[MCQ], retain_
     of forget MCQ accuracy (the direction from ``forget_prompts`` vs ``retain_prompts``), CKA on both prompt sets,
     and specificity: retain MCQ accuracy and NKL on ``retain_prompts``, static and with a forget prompt prepended.
     Probes and relearning need labelled facts and a training copy; they are marked skipped."""
-    cfg = config or DepthConfig()
     if not forget_mcq or not retain_mcq or not forget_prompts or not retain_prompts:
         raise MechunError("pass forget and retain MCQ questions and forget and retain prompts (none may be empty)")
-    if cfg.junk_layer is not None:
-        cfg = replace(cfg, junk_layer=check_layer(base, cfg.junk_layer))
-    if n_layers(base) != n_layers(unlearned):
-        raise MechunError("base and unlearned models differ in depth; a depth card compares one architecture")
+    cfg, card = _start(base, unlearned, config, method, intervention)
     say = log or (lambda _m: None)
-    fp_base, fp_unl = model_fingerprint(base), model_fingerprint(unlearned)
-    t0 = time.time()
     chance = 1 / len(LETTERS)
 
     def score(model: Any) -> dict[str, dict[str, float]]:
@@ -312,22 +318,20 @@ def mcq_depth_card(base: Any, unlearned: Any, forget_mcq: Sequence[MCQ], retain_
             perm = mcq_permutation_scores(unlearned, known)
         mcq_all.update(unlearned_accuracy_all_orders=perm.accuracy, unlearned_robust=perm.robust_accuracy)
     fb, fu = before_base["forget"]["mcq"], before_unl["forget"]["mcq"]
-    card: dict[str, Any] = {
-        "method": method, "forget_domain": "loaded MCQ", "primary_format": "mcq", "config": asdict(cfg),
-        "fingerprints": {"base": fp_base, "unlearned": fp_unl}, "intervention": intervention is not None,
+    card.update({
+        "forget_domain": "loaded MCQ", "primary_format": "mcq",
         "behaviour": {"accuracy": {"base": before_base, "unlearned": before_unl}, "mcq_all_orders": mcq_all,
                       "forget": {"mcq": {"base": fb, "unlearned": fu, "chance": chance,
                                          "removed_share": _drop_share(fb, fu, chance)}}},
-    }
+    })
     say("depth card: junk direction")
+    caches = pair_caches(base, unlearned, forget_prompts, retain_prompts, unlearned_intervention=intervention)
     card["junk"] = _junk_recovery(base, unlearned, forget_prompts, retain_prompts, score,
                                   {"base": before_base["forget"], "unlearned": before_unl["forget"]}, intervention,
-                                  cfg, steering)
+                                  cfg, steering, caches)
     card["probes"] = {"skipped": "loaded MCQ data has no per-subject attribute labels to probe for"}
     card["relearning"] = {"skipped": "relearning on benchmark files is not implemented; use depth_card on an organism"}
-    say("depth card: CKA")
-    card["cka"] = {"forget": cka_by_layer(base, unlearned, forget_prompts, context=intervention),
-                   "retain": cka_by_layer(base, unlearned, retain_prompts, context=intervention)}
+    card["cka"] = {"forget": cka_between(caches[0], caches[1]), "retain": cka_between(caches[2], caches[3])}
     say("depth card: specificity")
     rng = random.Random(f"depth-dynamic-{cfg.seed}")
     prefixes = [rng.choice(list(forget_prompts)) for _ in retain_prompts]
@@ -340,12 +344,7 @@ def mcq_depth_card(base: Any, unlearned: Any, forget_mcq: Sequence[MCQ], retain_
     spec["retain_accuracy"] = {"static": {"base": before_base["retain"]["mcq"], "unlearned": before_unl["retain"]["mcq"]},
                                "dynamic": {"base": mcq_accuracy(base, in_context), "unlearned": dyn_unl}}
     card["specificity"] = spec
-    if (model_fingerprint(base), model_fingerprint(unlearned)) != (fp_base, fp_unl):
-        raise MechunError("a model's weights changed while measuring the depth card (a bug: analysis must not "
-                          "train the models it measures)")
-    card["verdict"] = verdict(card)
-    card["seconds"] = round(time.time() - t0, 1)
-    return card
+    return _finish(card, base, unlearned)
 
 
 def _nan(x: Any) -> bool:

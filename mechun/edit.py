@@ -94,6 +94,12 @@ def mask_from_scores(model: Any, scores: Mapping[Component, float], budget: int,
     return component_mask(model, chosen, label)
 
 
+def top_mlp_mask(model: Any, scores: Sequence[float], n_mlps: int, label: str = "") -> ParameterMask:
+    """The ``n_mlps`` MLPs with the highest per-layer ``scores`` (e.g. :func:`mechun.localize.mlp_trace_scores`)."""
+    budget = component_mask(model, [("mlp", 0)]).n_params * n_mlps
+    return mask_from_scores(model, {("mlp", i): float(v) for i, v in enumerate(scores)}, budget, label)
+
+
 def random_mask(model: Any, budget: int, seed: int = 0, kinds: Sequence[str] = ("mlp",)) -> ParameterMask:
     comps = all_components(model, kinds)
     random.Random(seed).shuffle(comps)

@@ -284,6 +284,20 @@ def causal_trace(
                           p_clean, p_corrupt, list(range(L)))
 
 
+def mlp_trace_scores(model: Any, items: Sequence[tuple[str, str, str]], samples: int = 5, seed: int = 0
+                     ) -> list[float]:
+    """Per-layer MLP indirect effect at the subject's last token (:func:`causal_trace` with ``kind="mlp"``),
+    averaged over ``(prompt, answer, subject)`` items: the ROME-style score for choosing which MLPs to edit."""
+    if not items:
+        raise MechunError("pass at least one (prompt, answer, subject) item")
+    scores = [0.0] * n_layers(model)
+    for prompt, answer, subject in items:
+        res = causal_trace(model, prompt, answer, subject, kind="mlp", samples=samples, seed=seed)
+        pos = subject_positions(model, prompt, subject)[-1]
+        scores = [s + float(res.scores[layer, pos]) / len(items) for layer, s in enumerate(scores)]
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Probing localization
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechun.cache import cache_residuals
+from mechun.cache import ResidualCache, cache_residuals
 from mechun.errors import MechunError
 from mechun.interventions import Intervention, applied
 from mechun.localize import train_linear_probe
@@ -110,15 +110,22 @@ def linear_cka(x: Float[Tensor, "n_x d_x"], y: Float[Tensor, "n_y d_y"]) -> floa
     return float(cross / denom) if float(denom) > 0 else float("nan")
 
 
+def cka_between(base_cache: ResidualCache, unlearned_cache: ResidualCache) -> list[float]:
+    """Linear CKA per layer between two ``positions="all"`` caches of the same prompts, over every real token but
+    the first (BOS / attention-sink tokens would dominate the kernel)."""
+    if base_cache.acts.shape != unlearned_cache.acts.shape or base_cache.mask is None:
+        raise MechunError("CKA needs two positions='all' caches of the same prompts from models of the same depth")
+    keep = base_cache.mask.clone()
+    keep[:, 0] = False
+    return [linear_cka(b[keep].float(), u[keep].float()) for b, u in zip(base_cache.acts, unlearned_cache.acts,
+                                                                          strict=True)]
+
+
 def cka_by_layer(base: Any, unlearned: Any, prompts: Sequence[str], context: Intervention | None = None,
                  batch_size: int = 64) -> list[float]:
-    """Linear CKA between base and unlearned ``resid_post`` per layer, over every real token of ``prompts`` but the
-    first (BOS / attention-sink tokens would dominate the kernel)."""
+    """Linear CKA between base and unlearned ``resid_post`` per layer on ``prompts`` (see :func:`cka_between`);
+    ``context`` is active for the unlearned model's forward only."""
     cb = cache_residuals(base, list(prompts), positions="all", batch_size=batch_size, progress=False)
     with applied(context):
         cu = cache_residuals(unlearned, list(prompts), positions="all", batch_size=batch_size, progress=False)
-    if cb.acts.shape != cu.acts.shape:
-        raise MechunError("base and unlearned caches differ in shape: the models must share tokenizer and depth")
-    keep = cb.mask.clone()
-    keep[:, 0] = False
-    return [linear_cka(cb.acts[i][keep].float(), cu.acts[i][keep].float()) for i in range(cb.acts.shape[0])]
+    return cka_between(cb, cu)

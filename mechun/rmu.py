@@ -227,7 +227,21 @@ class JunkDiagnosis:
 
 
 def _tokens(cache, layer: int) -> Tensor:
-    return cache[layer][cache.mask].float()
+    """Every real token but the first (BOS / attention sinks carry outsized norms) of one layer, flattened."""
+    return cache[layer][:, 1:][cache.mask[:, 1:]].float()
+
+
+def pair_caches(base: Any, unlearned: Any, forget_prompts: Sequence[str], retain_prompts: Sequence[str],
+                unlearned_intervention: Intervention | None = None, progress: bool = False) -> tuple:
+    """``resid_post`` at every layer and token of the forget and retain prompts, for both models:
+    ``(forget_base, forget_unlearned, retain_base, retain_unlearned)``. Pass them to :func:`diagnose_junk` (and
+    e.g. :func:`mechun.representation.cka_between`) so the four caches are computed once."""
+    fb = cache_residuals(base, forget_prompts, positions="all", progress=progress)
+    rb = cache_residuals(base, retain_prompts, positions="all", progress=progress)
+    with applied(unlearned_intervention):
+        fu = cache_residuals(unlearned, forget_prompts, positions="all", progress=progress)
+        ru = cache_residuals(unlearned, retain_prompts, positions="all", progress=progress)
+    return fb, fu, rb, ru
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -243,24 +257,20 @@ def diagnose_junk(
     outlier_factor: float = 5.0,
     progress: bool = False,
     unlearned_intervention: Intervention | None = None,
+    caches: tuple | None = None,
 ) -> JunkDiagnosis:
     """Norm profile, candidate junk directions per layer, and their alignment with the steering vector.
 
     Tokens are every real token of the prompts except the first (BOS / attention-sink tokens carry outsized norms);
     the outlier filter drops tokens whose base-model norm exceeds ``outlier_factor`` times the median.
     ``unlearned_intervention`` is entered around the unlearned model's forwards only (for an inference-time method
-    such as SAE clamping, ``unlearned`` may then be the base model itself).
+    such as SAE clamping, ``unlearned`` may then be the base model itself). ``caches``: the four caches of
+    :func:`pair_caches` for these prompts, if already computed.
     """
     if d_model(base) != d_model(unlearned) or n_layers(base) != n_layers(unlearned):
         raise MechunError("base and unlearned models have different shapes; they must share an architecture")
-    fb = cache_residuals(base, forget_prompts, positions="all", progress=progress)
-    rb = cache_residuals(base, retain_prompts, positions="all", progress=progress)
-    with applied(unlearned_intervention):
-        fu = cache_residuals(unlearned, forget_prompts, positions="all", progress=progress)
-        ru = cache_residuals(unlearned, retain_prompts, positions="all", progress=progress)
-    for c in (fb, fu, rb, ru):
-        c.mask = c.mask.clone()
-        c.mask[:, 0] = False
+    fb, fu, rb, ru = caches or pair_caches(base, unlearned, forget_prompts, retain_prompts, unlearned_intervention,
+                                           progress)
     ratio_f, ratio_r, n_filtered = [], [], 0
     dirs: dict[str, list[Tensor]] = {"mean_diff": [], "forget_minus_retain": [], "pca": []}
     cos: dict[str, list[float]] = {k: [] for k in dirs}
@@ -287,7 +297,7 @@ def diagnose_junk(
             dirs[kind].append(unit)
             expl[kind].append(float(((diff @ unit) ** 2).sum() / energy))
             cos[kind].append(float(unit @ _unit(steering.float())) if steering is not None else float("nan"))
-    return JunkDiagnosis(ratio_f, ratio_r, dirs, cos, expl, int(fb.mask.sum()), n_filtered,
+    return JunkDiagnosis(ratio_f, ratio_r, dirs, cos, expl, int(fb.mask[:, 1:].sum()), n_filtered,
                          model_fingerprint(unlearned))
 
 
