@@ -18,10 +18,11 @@ prompt and position each came from).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -32,6 +33,8 @@ from mechun.errors import MechunError
 from mechun.hooks import FAST_KINDS, StopForward, bare_layer_hooks, hooks
 from mechun.io import load_tensors, save_tensors
 from mechun.models import (
+    HookKind,
+    Model,
     check_layer,
     check_same_model,
     hook_name,
@@ -44,12 +47,20 @@ from mechun.models import (
 
 _FORMAT = "mechun.ResidualCache/1"
 
+#: The named position choices of :func:`cache_residuals` (besides ints, lists of ints and a boolean mask).
+PositionKind = Literal["last", "all"]
+POSITION_KINDS: tuple[PositionKind, ...] = get_args(PositionKind)
+
 
 @dataclass
 class ResidualCache:
-    """Cached activations: ``acts[i]`` is layer ``layers[i]``; shape ``layer n d_model`` or ``layer n pos d_model``."""
+    """Cached activations: ``acts[i]`` is layer ``layers[i]``; shape ``layer n d_model``, or ``layer n k d_model``
+    with a position axis ``k`` (``positions="all"``: the padded positions; a list of positions: one per entry).
 
-    acts: Float[Tensor, "layer ..."]
+    ``positions`` says which: ``"last"``, ``"all"``, ``"mask"`` (a boolean mask; ``n`` counts the selected tokens)
+    or ``"positions=[...]"``."""
+
+    acts: Float[Tensor, "layer n *k d_model"]
     layers: list[int]
     hook_names: list[str]
     fingerprint: str
@@ -57,19 +68,19 @@ class ResidualCache:
     prompts: list[str] | None = None
     mask: Bool[Tensor, "n pos"] | None = None  # for positions="all": which positions are real tokens
     index: Int[Tensor, "n 2"] | None = None  # for boolean-mask positions: (prompt, position) of each row
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (saved in the file's header)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.acts.shape[0] != len(self.layers):
             raise MechunError(f"acts has {self.acts.shape[0]} layers but {len(self.layers)} layer ids were given")
 
-    def layer(self, layer: int) -> Tensor:
+    def layer(self, layer: int) -> Float[Tensor, "n *k d_model"]:
         """Activations of one model layer (by model layer number, not index into ``layers``)."""
         if layer not in self.layers:
             raise MechunError(f"layer {layer} is not in this cache; it holds layers {self.layers}")
         return self.acts[self.layers.index(layer)]
 
-    def __getitem__(self, layer: int) -> Tensor:
+    def __getitem__(self, layer: int) -> Float[Tensor, "n *k d_model"]:
         return self.layer(layer)
 
     def __len__(self) -> int:
@@ -79,7 +90,7 @@ class ResidualCache:
     def d_model(self) -> int:
         return self.acts.shape[-1]
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Model) -> None:
         check_same_model(model, self.fingerprint, "this cache")
 
     def save(self, path: str | Path) -> Path:
@@ -103,7 +114,8 @@ class ResidualCache:
                    mask=t.get("mask"), index=t.get("index"), meta=header.get("meta", {}))
 
 
-def _select_positions(positions, mask: Tensor) -> tuple[str, Tensor | None]:
+def _select_positions(positions: str | int | Sequence[int], mask: Int[Tensor, "batch pos"],
+                      ) -> tuple[str, Int[Tensor, "batch k"] | None]:
     """Per prompt row, the padded-token indices to keep (``n k``), or None for "all"/boolean masks."""
     lengths = mask.sum(1)
     if isinstance(positions, str):
@@ -123,23 +135,10 @@ def _select_positions(positions, mask: Tensor) -> tuple[str, Tensor | None]:
     raise MechunError(f"positions must be 'last', 'all', an int, a list of ints or a bool mask; got {positions!r}")
 
 
-@torch.inference_mode()
-def cache_residuals(
-    model: Any,
-    prompts_or_tokens: Sequence[str] | Int[Tensor, "batch pos"],
-    layers: Sequence[int] | int | None = None,
-    positions: str | int | Sequence[int] | Bool[Tensor, "batch pos"] = "last",
-    batch_size: int = 32,
-    progress: bool = True,
-    hook: str = "resid_post",
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    store_device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> ResidualCache:
-    """Cache the residual stream (``hook``: resid_post, resid_pre, resid_mid, mlp_out, attn_out) at ``layers``.
-
-    Any active intervention (``project_out``, ``add_direction``) is reflected in the cache.
-    """
+def _inputs(model: Model, prompts_or_tokens: Sequence[str] | Int[Tensor, "batch pos"],
+            attention_mask: Int[Tensor, "batch pos"] | None,
+            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], list[str] | None]:
+    """Token ids, the (long) attention mask, and the prompts (None when tokens were given)."""
     if isinstance(prompts_or_tokens, Tensor):
         ids = prompts_or_tokens
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[0] == 0:
@@ -149,93 +148,143 @@ def cache_residuals(
     else:
         prompts = list(prompts_or_tokens)
         ids, mask = tokenize(model, prompts)
-    mask = mask.to(torch.long)
-    n_total = ids.shape[0]
+    return ids, mask.to(torch.long), prompts
 
+
+def _resolve_layers(model: Model, layers: Sequence[int] | int | None) -> list[int]:
+    """The requested layers, checked, deduplicated and sorted (None: every layer)."""
     if layers is None:
         layers = list(range(n_layers(model)))
     elif isinstance(layers, int):
         layers = [layers]
     if len(layers) == 0:
         raise MechunError("layers is empty; pass None for every layer or a list of layer numbers")
-    layers = sorted({check_layer(model, layer) for layer in layers})
-    names = [hook_name(model, hook, layer) for layer in layers]
+    return sorted({check_layer(model, layer) for layer in layers})
 
-    bool_mask = isinstance(positions, Tensor)
-    if bool_mask:
+
+def _selection(positions: str | int | Sequence[int] | Tensor, ids: Tensor, mask: Int[Tensor, "batch pos"],
+               ) -> tuple[str, Int[Tensor, "batch k"] | None, Int[Tensor, "n 2"] | None]:
+    """The positions' description, per-row indices to keep, and a boolean mask's selected (prompt, position) pairs."""
+    if isinstance(positions, Tensor):
         if positions.dtype != torch.bool or tuple(positions.shape) != tuple(ids.shape):
             raise MechunError(f"a positions mask must be bool of shape {tuple(ids.shape)} (batch x padded pos)")
-        sel = (positions & mask.bool()).nonzero()
-        desc, pos_idx = "mask", None
-    else:
-        desc, pos_idx = _select_positions(positions, mask)
+        return "mask", None, (positions & mask.bool()).nonzero()
+    desc, pos_idx = _select_positions(positions, mask)
+    return desc, pos_idx, None
 
-    store_dtype = dtype or next(model.parameters()).dtype
-    d = model.cfg.d_model
+
+def _store_shape(desc: str, ids: Tensor, pos_idx: Tensor | None, sel: Tensor | None) -> tuple[int, ...]:
+    """Per-layer shape of the stored activations before ``d_model``: ``n pos``, ``n_selected`` or ``n k``."""
     if desc == "all":
-        out = torch.zeros(len(layers), n_total, ids.shape[1], d, dtype=store_dtype, device=store_device)
-    elif bool_mask:
-        out = torch.zeros(len(layers), sel.shape[0], d, dtype=store_dtype, device=store_device)
-    else:
-        out = torch.zeros(len(layers), n_total, pos_idx.shape[1], d, dtype=store_dtype, device=store_device)
+        return (ids.shape[0], ids.shape[1])
+    if sel is not None:
+        return (sel.shape[0],)
+    return (ids.shape[0], pos_idx.shape[1])
 
-    dev = model_device(model)
-    state: dict[str, Any] = {}
 
-    def make_hook(li: int, last: bool):
-        def fn(act: Tensor):
-            rows, start = state["rows"], state["start"]
-            if desc == "all":
-                real = state["mask"][:, : act.shape[1], None].to(act.dtype)
-                out[li, start:start + len(rows), : act.shape[1]] = (act * real).to(store_device, store_dtype)
-            elif bool_mask:
-                b_sel = state["sel"]
-                out[li, state["sel_start"]:state["sel_start"] + len(b_sel)] = act[b_sel[:, 0], b_sel[:, 1]].to(
-                    store_device, store_dtype)
+class _Collector:
+    """Hook functions that copy each batch's selected positions into one preallocated ``out`` tensor."""
+
+    def __init__(self, out: Tensor, desc: str, pos_idx: Tensor | None, sel: Tensor | None, device: torch.device):
+        self.out, self.desc, self.pos_idx, self.sel, self.device = out, desc, pos_idx, sel, device
+        self.n_sel = 0  # selected tokens (boolean-mask positions) written by earlier batches
+
+    def start_batch(self, rows: Tensor, start: int, b_mask: Tensor) -> None:
+        """Say which rows the next forward pass covers (and their mask, positions or selected tokens)."""
+        self.rows, self.start, self.b_mask = rows, start, b_mask.to(self.device)
+        if self.sel is not None:
+            b_sel = self.sel[(self.sel[:, 0] >= start) & (self.sel[:, 0] < start + len(rows))].clone()
+            b_sel[:, 0] -= start
+            self.b_sel, self.sel_at = b_sel.to(self.device), self.n_sel
+            self.n_sel += len(b_sel)
+        elif self.pos_idx is not None:
+            self.pos = self.pos_idx[rows].to(self.device)
+
+    def hook(self, li: int, last: bool) -> Callable[[Tensor], None]:
+        """The hook writing into layer index ``li``; the last layer's hook also ends the forward pass."""
+        out = self.out
+
+        def fn(act: Tensor) -> None:
+            rows, start = self.rows, self.start
+            if self.desc == "all":
+                real = self.b_mask[:, : act.shape[1], None].to(act.dtype)
+                out[li, start:start + len(rows), : act.shape[1]] = (act * real).to(out.device, out.dtype)
+            elif self.desc == "mask":
+                b_sel = self.b_sel
+                out[li, self.sel_at:self.sel_at + len(b_sel)] = act[b_sel[:, 0], b_sel[:, 1]].to(out.device, out.dtype)
             else:
-                p = state["pos"]
-                gathered = act[torch.arange(len(rows), device=act.device)[:, None], p]
-                out[li, start:start + len(rows)] = gathered.to(store_device, store_dtype)
+                gathered = act[torch.arange(len(rows), device=act.device)[:, None], self.pos]
+                out[li, start:start + len(rows)] = gathered.to(out.device, out.dtype)
             if last:
                 raise StopForward
         return fn
 
-    fns = [make_hook(i, i == len(layers) - 1) for i in range(len(layers))]
+
+def _hook_scope(model: Model, hook: str, layers: list[int], names: list[str], fns: list[Callable[[Tensor], None]],
+                ) -> AbstractContextManager[torch.nn.Module | None]:
+    """The context that installs ``fns``; it yields the bare HF model on the fast path, else None."""
     # Fast path: with no hook on any hook point (no intervention active), run the unwrapped HF model with hooks on
     # its decoder layers -- the cost of a plain transformers forward. Otherwise run the bridge, so that every
     # active hook (project_out, add_direction, the user's own) shapes what is cached.
     if hook in FAST_KINDS and not hook_points_in_use(model):
-        scope = bare_layer_hooks(model, [(layer, hook, fn) for layer, fn in zip(layers, fns, strict=True)])
-    else:
-        scope = hooks(model, list(zip(names, fns, strict=True)))
+        return bare_layer_hooks(model, [(layer, hook, fn) for layer, fn in zip(layers, fns, strict=True)])
+    return hooks(model, list(zip(names, fns, strict=True)))
+
+
+def _forward(model: Model, bare: torch.nn.Module | None, ids: Tensor, rows: Tensor, b_mask: Tensor,
+             dev: torch.device) -> None:
+    """One forward pass over ``rows``, trimmed to their longest prompt; the last layer's hook may end it early."""
+    width = int(b_mask.sum(1).max())
+    try:
+        if bare is not None:
+            bare(input_ids=ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev), use_cache=False)
+        else:
+            model(ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev))
+    except StopForward:
+        pass
+
+
+@torch.inference_mode()
+def cache_residuals(
+    model: Model,
+    prompts_or_tokens: Sequence[str] | Int[Tensor, "batch pos"],
+    layers: Sequence[int] | int | None = None,
+    positions: PositionKind | str | int | Sequence[int] | Bool[Tensor, "batch pos"] = "last",
+    batch_size: int = 32,
+    progress: bool = True,
+    hook: HookKind | str = "resid_post",
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    store_device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> ResidualCache:
+    """Cache the residual stream (``hook``: resid_post, resid_pre, resid_mid, mlp_out, attn_out) at ``layers``.
+
+    Any active intervention (``project_out``, ``add_direction``) is reflected in the cache. ``hook`` and
+    ``positions`` take any string, so that a typo gets a :class:`MechunError` naming the choices
+    (:data:`mechun.models.HOOK_KINDS`, :data:`POSITION_KINDS`).
+    """
+    ids, mask, prompts = _inputs(model, prompts_or_tokens, attention_mask)
+    n_total = ids.shape[0]
+    layers = _resolve_layers(model, layers)
+    names = [hook_name(model, hook, layer) for layer in layers]
+    desc, pos_idx, sel = _selection(positions, ids, mask)
+    store_dtype = dtype or next(model.parameters()).dtype
+    out = torch.zeros(len(layers), *_store_shape(desc, ids, pos_idx, sel), model.cfg.d_model, dtype=store_dtype,
+                      device=store_device)
+    dev = model_device(model)
+    collector = _Collector(out, desc, pos_idx, sel, dev)
+    fns = [collector.hook(i, i == len(layers) - 1) for i in range(len(layers))]
     batches = range(0, n_total, batch_size)
-    sel_start = 0
-    with scope as bare:
-        forward = bare if bare is not None else model
+    with _hook_scope(model, hook, layers, names, fns) as bare:
         for start in tqdm(batches, desc="caching residuals", disable=not progress or len(batches) < 2):
             rows = torch.arange(start, min(start + batch_size, n_total))
             b_mask = mask[rows]
-            width = int(b_mask.sum(1).max())
-            state.update(rows=rows, start=start, mask=b_mask.to(dev))
-            if bool_mask:
-                b_sel = sel[(sel[:, 0] >= start) & (sel[:, 0] < start + len(rows))].clone()
-                b_sel[:, 0] -= start
-                state.update(sel=b_sel.to(dev), sel_start=sel_start)
-                sel_start += len(b_sel)
-            elif pos_idx is not None:
-                state["pos"] = pos_idx[rows].to(dev)
-            try:
-                if bare is not None:
-                    forward(input_ids=ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev),
-                            use_cache=False)
-                else:
-                    forward(ids[rows, :width].to(dev), attention_mask=b_mask[:, :width].to(dev))
-            except StopForward:
-                pass
+            collector.start_batch(rows, start, b_mask)
+            _forward(model, bare, ids, rows, b_mask, dev)
     if desc not in ("all", "mask"):
         out = out[:, :, 0] if (desc == "last" or isinstance(positions, int)) else out
     return ResidualCache(
         acts=out, layers=layers, hook_names=names, fingerprint=model_fingerprint(model), positions=desc,
-        prompts=prompts, mask=mask.bool() if desc == "all" else None, index=sel if bool_mask else None,
+        prompts=prompts, mask=mask.bool() if desc == "all" else None, index=sel,
         meta={"hook": hook},
     )

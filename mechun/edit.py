@@ -21,21 +21,29 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, TypedDict, get_args
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
-from mechun.models import bare_forward_view, check_layer, model_device, n_layers, tokenize
+from mechun.evaluate import cloze_accuracy
+from mechun.models import Model, bare_forward_view, check_layer, model_device, n_layers, tokenize
+from mechun.organism.world import Prompt
 
-Component = tuple[str, int]
-KINDS = ("mlp", "attn")
-MODES = ("unlearn", "ascent", "learn")
+#: A component is ``(kind, layer)``: a decoder layer's MLP or its attention block.
+ComponentKind = Literal["mlp", "attn"]
+KINDS: tuple[ComponentKind, ...] = get_args(ComponentKind)
+Component = tuple[ComponentKind, int]
+
+#: What :func:`localized_finetune` optimises (see the module docstring).
+FinetuneMode = Literal["unlearn", "ascent", "learn"]
+MODES: tuple[FinetuneMode, ...] = get_args(FinetuneMode)
 
 
-def _submodule(layer_module: torch.nn.Module, kind: str) -> torch.nn.Module:
+def _submodule(layer_module: torch.nn.Module, kind: ComponentKind) -> torch.nn.Module:
     names = {"mlp": ("mlp",), "attn": ("attn", "self_attn")}[kind]
     for n in names:
         if hasattr(layer_module, n):
@@ -52,17 +60,28 @@ class ParameterMask:
     n_params: int
     label: str = ""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> ParameterMaskJSON:
         return {"label": self.label, "components": [list(c) for c in self.components], "n_params": self.n_params,
                 "names": self.names}
 
 
-def _named(model: Any) -> dict[int, str]:
+class ParameterMaskJSON(TypedDict):
+    """:meth:`ParameterMask.to_json`; components as ``[kind, layer]`` lists."""
+
+    label: str
+    components: list[list[ComponentKind | int]]
+    n_params: int
+    names: list[str]
+
+
+def _named(model: Model) -> dict[int, str]:
     bare, _ = bare_forward_view(model)
     return {id(p): n for n, p in bare.named_parameters()}
 
 
-def component_params(model: Any, comp: Component) -> list[tuple[str, torch.nn.Parameter]]:
+def component_params(model: Model, comp: tuple[ComponentKind | str, int],
+                     ) -> list[tuple[str, torch.nn.Parameter]]:
+    """The checkpoint-named parameters of one component; a kind outside :data:`KINDS` is a :class:`MechunError`."""
     kind, layer = comp
     if kind not in KINDS:
         raise MechunError(f"component kind must be one of {KINDS}, got {kind!r}")
@@ -71,18 +90,19 @@ def component_params(model: Any, comp: Component) -> list[tuple[str, torch.nn.Pa
     return [(names[id(p)], p) for p in _submodule(layers[check_layer(model, layer)], kind).parameters()]
 
 
-def component_mask(model: Any, components: Sequence[Component], label: str = "") -> ParameterMask:
+def component_mask(model: Model, components: Sequence[tuple[ComponentKind | str, int]], label: str = "",
+                   ) -> ParameterMask:
     if not components:
         raise MechunError("a mask needs at least one component")
     named = [np for c in components for np in component_params(model, c)]
     return ParameterMask([n for n, _ in named], list(components), sum(p.numel() for _, p in named), label)
 
 
-def all_components(model: Any, kinds: Sequence[str] = KINDS) -> list[Component]:
+def all_components(model: Model, kinds: Sequence[ComponentKind] = KINDS) -> list[Component]:
     return [(k, layer) for layer in range(n_layers(model)) for k in kinds]
 
 
-def mask_from_scores(model: Any, scores: Mapping[Component, float], budget: int, label: str = "") -> ParameterMask:
+def mask_from_scores(model: Model, scores: Mapping[Component, float], budget: int, label: str = "") -> ParameterMask:
     """Highest-scoring components first, while the parameter count stays within ``budget`` (at least one)."""
     chosen, total = [], 0
     for comp in sorted(scores, key=lambda c: -scores[c]):
@@ -94,26 +114,28 @@ def mask_from_scores(model: Any, scores: Mapping[Component, float], budget: int,
     return component_mask(model, chosen, label)
 
 
-def top_mlp_mask(model: Any, scores: Sequence[float], n_mlps: int, label: str = "") -> ParameterMask:
+def top_mlp_mask(model: Model, scores: Sequence[float], n_mlps: int, label: str = "") -> ParameterMask:
     """The ``n_mlps`` MLPs with the highest per-layer ``scores`` (e.g. :func:`mechun.localize.mlp_trace_scores`)."""
     budget = component_mask(model, [("mlp", 0)]).n_params * n_mlps
     return mask_from_scores(model, {("mlp", i): float(v) for i, v in enumerate(scores)}, budget, label)
 
 
-def random_mask(model: Any, budget: int, seed: int = 0, kinds: Sequence[str] = ("mlp",)) -> ParameterMask:
+def random_mask(model: Model, budget: int, seed: int = 0, kinds: Sequence[ComponentKind] = ("mlp",),
+                ) -> ParameterMask:
     comps = all_components(model, kinds)
     random.Random(seed).shuffle(comps)
     return mask_from_scores(model, {c: -float(i) for i, c in enumerate(comps)}, budget, label="random")
 
 
-def full_mask(model: Any) -> ParameterMask:
+def full_mask(model: Model) -> ParameterMask:
     """Nonlocalized: every parameter of the checkpoint."""
     bare, _ = bare_forward_view(model)
     named = list(bare.named_parameters())
     return ParameterMask([n for n, _ in named], [], sum(p.numel() for _, p in named), "nonlocalized")
 
 
-def _answer_logprobs(bare: torch.nn.Module, model: Any, prompts: Sequence[str], answers: Sequence[str]) -> Tensor:
+def _answer_logprobs(bare: torch.nn.Module, model: Model, prompts: Sequence[str], answers: Sequence[str],
+                     ) -> Float[Tensor, " n"]:
     """log p(first answer token | prompt), differentiable."""
     ids, mask = tokenize(model, list(prompts))
     dev = model_device(model)
@@ -123,19 +145,66 @@ def _answer_logprobs(bare: torch.nn.Module, model: Any, prompts: Sequence[str], 
     return last.gather(-1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
 
 
-def _lm_loss(bare: torch.nn.Module, model: Any, texts: Sequence[str]) -> Tensor:
+def _lm_loss(bare: torch.nn.Module, model: Model, texts: Sequence[str]) -> Float[Tensor, ""]:
     ids, mask = tokenize(model, list(texts))
     dev = model_device(model)
     labels = ids.masked_fill(mask == 0, -100).to(dev)
     return bare(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels, use_cache=False).loss
 
 
+def _trainable(bare: torch.nn.Module, mask: ParameterMask) -> list[torch.nn.Parameter]:
+    """The parameters ``mask`` names, after checking that the model has every one of them."""
+    by_name = dict(bare.named_parameters())
+    unknown = [n for n in mask.names if n not in by_name]
+    if unknown:
+        raise MechunError(f"mask names parameters this model does not have: {unknown[:3]}; built on another model?")
+    return [by_name[n] for n in mask.names]
+
+
+def _freeze_all_but(bare: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[torch.nn.Parameter, bool]:
+    """Let only ``params`` take gradients; returns every parameter's previous ``requires_grad``."""
+    old = {p: p.requires_grad for p in bare.parameters()}
+    for p in bare.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return old
+
+
+def _main_loss(logp: Float[Tensor, " n"], mode: str) -> Float[Tensor, ""]:
+    """The ``mode`` objective on the answers' log-probabilities (see the module docstring)."""
+    if mode == "unlearn":
+        return -torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).mean()
+    if mode == "ascent":
+        return logp.mean()
+    return -logp.mean()
+
+
+def _step_loss(bare: torch.nn.Module, model: Model, prompts: Sequence[str], answers: Sequence[str], mode: str,
+               maintain: Sequence[tuple[str, str]], lm_texts: Sequence[str], batch_size: int, maintain_weight: float,
+               lm_weight: float, rng: random.Random) -> tuple[Float[Tensor, ""], dict[str, float]]:
+    """One sampled batch's total loss and its parts: the main objective, then the maintain and LM terms if given."""
+    idx = rng.sample(range(len(prompts)), min(batch_size, len(prompts)))
+    main = _main_loss(_answer_logprobs(bare, model, [prompts[i] for i in idx], [answers[i] for i in idx]), mode)
+    loss, parts = main, {"main": main.item()}
+    if maintain:
+        m = rng.sample(list(maintain), min(batch_size, len(maintain)))
+        keep = -_answer_logprobs(bare, model, [p for p, _ in m], [a for _, a in m]).mean()
+        loss = loss + maintain_weight * keep
+        parts["maintain"] = keep.item()
+    if lm_texts:
+        lm = _lm_loss(bare, model, rng.sample(list(lm_texts), min(batch_size, len(lm_texts))))
+        loss = loss + lm_weight * lm
+        parts["lm"] = lm.item()
+    return loss, parts
+
+
 def localized_finetune(
-    model: Any,
+    model: Model,
     mask: ParameterMask,
     prompts: Sequence[str],
     answers: Sequence[str],
-    mode: str = "unlearn",
+    mode: FinetuneMode | str = "unlearn",
     maintain: Sequence[tuple[str, str]] = (),
     lm_texts: Sequence[str] = (),
     steps: int = 100,
@@ -149,46 +218,23 @@ def localized_finetune(
 ) -> list[dict[str, float]]:
     """Train only ``mask``'s parameters (in place). Returns the loss history.
 
-    ``on_step(k)`` is called after the k-th optimiser step (k = 1..steps), e.g. to measure a relearning curve."""
+    ``on_step(k)`` is called after the k-th optimiser step (k = 1..steps), e.g. to measure a relearning curve.
+    ``mode`` takes any string, so that a typo gets a :class:`MechunError` naming :data:`MODES`."""
     if mode not in MODES:
         raise MechunError(f"mode must be one of {MODES}, got {mode!r}")
     if not prompts or len(prompts) != len(answers):
         raise MechunError("pass one answer per prompt, and at least one prompt")
     bare, _ = bare_forward_view(model)
-    by_name = dict(bare.named_parameters())
-    unknown = [n for n in mask.names if n not in by_name]
-    if unknown:
-        raise MechunError(f"mask names parameters this model does not have: {unknown[:3]}; built on another model?")
-    params = [by_name[n] for n in mask.names]
-    old = {p: p.requires_grad for p in bare.parameters()}
-    for p in bare.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = _trainable(bare, mask)
+    old = _freeze_all_but(bare, params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     history = []
     try:
         for _ in tqdm(range(steps), desc=f"localized fine-tuning ({mask.label or len(params)})", disable=not progress):
-            idx = rng.sample(range(len(prompts)), min(batch_size, len(prompts)))
-            logp = _answer_logprobs(bare, model, [prompts[i] for i in idx], [answers[i] for i in idx])
-            if mode == "unlearn":
-                main = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).mean()
-            elif mode == "ascent":
-                main = logp.mean()
-            else:
-                main = -logp.mean()
-            loss, parts = main, {"main": main.item()}
-            if maintain:
-                m = rng.sample(list(maintain), min(batch_size, len(maintain)))
-                keep = -_answer_logprobs(bare, model, [p for p, _ in m], [a for _, a in m]).mean()
-                loss = loss + maintain_weight * keep
-                parts["maintain"] = keep.item()
-            if lm_texts:
-                lm = _lm_loss(bare, model, rng.sample(list(lm_texts), min(batch_size, len(lm_texts))))
-                loss = loss + lm_weight * lm
-                parts["lm"] = lm.item()
+            loss, parts = _step_loss(bare, model, prompts, answers, mode, maintain, lm_texts, batch_size,
+                                     maintain_weight, lm_weight, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -200,3 +246,35 @@ def localized_finetune(
             p.requires_grad_(flag)
             p.grad = None
     return history
+
+
+@dataclass
+class RelearnCurve:
+    """Cloze accuracy during a relearning attack, at each checkpoint step (0 = before any training)."""
+
+    steps: list[int]
+    held_out_accuracy: list[float]  # facts never trained on: what relearning brings back "for free"
+    relearned_accuracy: list[float]  # the facts trained on
+
+
+def relearn(model: Model, train: Sequence[Prompt], held_out: Sequence[Prompt], steps: Sequence[int], lr: float = 1e-3,
+            batch_size: int = 16, seed: int = 0) -> RelearnCurve:
+    """The relearning attack: fine-tune *every* parameter of ``model`` (in place) on the ``train`` prompts'
+    answers, measuring cloze accuracy on ``held_out`` (e.g. the other half of the forgotten facts) and on ``train``
+    after each step in ``steps`` (0 measures before training). Knowledge that unlearning only hid comes back on the
+    held-out facts after a few steps; knowledge that is gone does not."""
+    checkpoints = sorted(set(steps))
+    if not checkpoints or checkpoints[0] < 0:
+        raise MechunError(f"steps must be non-negative step counts, e.g. [0, 5, 10, 20] (got {list(steps)})")
+    held, trained = [], []
+
+    def measure(k: int) -> None:
+        if k in checkpoints:
+            held.append(cloze_accuracy(model, held_out))
+            trained.append(cloze_accuracy(model, train))
+
+    measure(0)
+    if checkpoints[-1] > 0:
+        localized_finetune(model, full_mask(model), [p.text for p in train], [p.answer for p in train], mode="learn",
+                           steps=checkpoints[-1], lr=lr, batch_size=batch_size, seed=seed, on_step=measure)
+    return RelearnCurve(checkpoints, held, trained)

@@ -23,20 +23,23 @@ All forwards go through the hooked model, so any intervention context that is ac
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, TypedDict, get_args
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechun.data import CounterFactRecord
 from mechun.errors import MechunError, ModelMismatchError
-from mechun.models import model_device, tokenize
-from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES, Prompt, World
+from mechun.models import Model, model_device, tokenize
+from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES, Prompt, World, retain_domains
 
 
-def _forward_logits(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
+def _forward_logits(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"],
+                    ) -> Float[Tensor, "batch pos vocab"]:
     dev = model_device(model)
     return model(ids.to(dev), attention_mask=mask.to(dev)).float()
 
@@ -51,7 +54,7 @@ def _join(prompt: str, answer: str) -> str:
 
 
 def answer_scores(
-    model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
+    model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Teacher-forced exact match and summed log-probability of each answer after its prompt."""
     correct, logps, _ = _answer_scores(model, prompts, answers, batch_size)
@@ -60,8 +63,8 @@ def answer_scores(
 
 @torch.inference_mode()
 def _answer_scores(
-    model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
-) -> tuple[Tensor, Tensor, Tensor]:
+    model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
+) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"], Int[Tensor, " n"]]:
     """Exact match, summed log-probability and number of tokens of each answer."""
     if len(prompts) != len(answers):
         raise MechunError(f"got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
@@ -88,15 +91,17 @@ def _answer_scores(
     return torch.tensor(correct), torch.tensor(logps), torch.tensor(lengths)
 
 
-def answer_correct(model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64) -> Tensor:
+def answer_correct(model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
+                   ) -> Bool[Tensor, " n"]:
     return answer_scores(model, prompts, answers, batch_size)[0]
 
 
-def answer_logprob(model: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64) -> Tensor:
+def answer_logprob(model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
+                   ) -> Float[Tensor, " n"]:
     return answer_scores(model, prompts, answers, batch_size)[1]
 
 
-def letter_token_ids(model: Any, prompt: str, letters: Sequence[str] = LETTERS) -> list[int]:
+def letter_token_ids(model: Model, prompt: str, letters: Sequence[str] = LETTERS) -> list[int]:
     """The token each letter becomes when it follows ``prompt`` (" A" for GPT-2's BPE, "A" for the organism)."""
     _, p_mask = tokenize(model, [prompt])
     n = int(p_mask.sum())
@@ -110,7 +115,7 @@ def letter_token_ids(model: Any, prompt: str, letters: Sequence[str] = LETTERS) 
 
 
 @torch.inference_mode()
-def mcq_correct(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> Bool[Tensor, " n"]:
+def mcq_correct(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> Bool[Tensor, " n"]:
     """Whether the highest-logit letter among A-D is the right one, per question."""
     if len(questions) == 0:
         raise MechunError("empty question list: pass at least one question")
@@ -125,21 +130,23 @@ def mcq_correct(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> B
     return torch.cat(out)
 
 
-def cloze_accuracy(model: Any, prompts: Sequence[Prompt], batch_size: int = 64) -> float:
+def cloze_accuracy(model: Model, prompts: Sequence[Prompt], batch_size: int = 64) -> float:
     return float(answer_correct(model, [p.text for p in prompts], [p.answer for p in prompts], batch_size)
                  .float().mean())
 
 
-def mcq_accuracy(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> float:
+def mcq_accuracy(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> float:
     return float(mcq_correct(model, questions, batch_size).float().mean())
 
 
-FORMATS = ("train", "paraphrase", "mcq")
+#: The formats :func:`evaluate_world` measures: trained cloze templates, held-out paraphrases, multiple choice.
+Format = Literal["train", "paraphrase", "mcq"]
+FORMATS: tuple[Format, ...] = get_args(Format)
 
 
 def evaluate_world(
-    model: Any, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 64
-) -> dict[str, dict[str, float]]:
+    model: Model, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 64
+) -> dict[str, dict[Format, float]]:
     """Accuracy per domain and format: ``{"pathogen": {"train": .., "paraphrase": .., "mcq": ..}, ...}``.
 
     ``train`` uses the trained templates, ``paraphrase`` the held-out ones, ``mcq`` fresh option orders (seed
@@ -155,7 +162,18 @@ def evaluate_world(
     return result
 
 
-def chance_accuracy(fmt: str, world: World | None = None) -> float:
+def retain_accuracy(accuracy: Mapping[str, Mapping[Format, float]]) -> dict[Format, float]:
+    """Per format, the mean accuracy over the retain domains of an :func:`evaluate_world` result (the number an
+    unlearning method must keep)."""
+    domains = retain_domains()
+    missing = [d for d in domains if d not in accuracy]
+    if missing:
+        raise MechunError(f"no accuracy for the retain domain(s) {missing}; evaluate them too (evaluate_world with "
+                          "domains=None evaluates every domain)")
+    return {f: statistics.fmean(accuracy[d][f] for d in domains) for f in accuracy[domains[0]]}
+
+
+def chance_accuracy(fmt: Format, world: World | None = None) -> float:
     """Chance level of a format: 1/4 for MCQ, 1/8 (one of a relation's eight values) for cloze prompts."""
     from mechun.organism.world import RELATIONS
 
@@ -163,7 +181,7 @@ def chance_accuracy(fmt: str, world: World | None = None) -> float:
 
 
 @torch.inference_mode()
-def next_token_entropy(model: Any, prompts: Sequence[str], batch_size: int = 64) -> float:
+def next_token_entropy(model: Model, prompts: Sequence[str], batch_size: int = 64) -> float:
     """Mean entropy (nats) of the next-token distribution at each prompt's last position."""
     out = []
     for ps in _batched(list(prompts), batch_size):
@@ -175,7 +193,8 @@ def next_token_entropy(model: Any, prompts: Sequence[str], batch_size: int = 64)
 
 
 @torch.inference_mode()
-def continuation_nll(model: Any, judge: Any, prompts: Sequence[str], n_tokens: int = 4, batch_size: int = 64) -> float:
+def continuation_nll(model: Model, judge: Model, prompts: Sequence[str], n_tokens: int = 4, batch_size: int = 64,
+                     ) -> float:
     """Coherence: ``model`` continues each prompt greedily for ``n_tokens``; ``judge`` (e.g. the base model, without
     interventions) scores the continuation. Mean negative log-likelihood per continuation token: junk-flooded text
     scores high, a fluent continuation low. Hooks active on ``model`` apply to the generation only if ``judge`` is
@@ -246,7 +265,7 @@ class PermutationScores:
         return float(self.all_correct.float().mean())
 
 
-def mcq_permutation_scores(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> PermutationScores:
+def mcq_permutation_scores(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> PermutationScores:
     """Score every question in every order of its options."""
     if len(questions) == 0:
         raise MechunError("empty question list: pass at least one question")
@@ -256,7 +275,7 @@ def mcq_permutation_scores(model: Any, questions: Sequence[MCQ], batch_size: int
     return PermutationScores(right.float().mean(1), right.all(1), n_orders)
 
 
-def robustly_known(model: Any, questions: Sequence[MCQ], batch_size: int = 64) -> list[MCQ]:
+def robustly_known(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> list[MCQ]:
     """The questions ``model`` answers right in every option order: evaluate unlearning on these, so that a drop is
     knowledge lost, not letter-position luck lost."""
     keep = mcq_permutation_scores(model, questions, batch_size).all_correct
@@ -287,8 +306,29 @@ class NeighbourhoodScores:
         """NM: mean of P(true object) − P(new object)."""
         return float((self.p_true - self.p_new).mean())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> NeighbourhoodJSON:
         return {"score": self.score, "magnitude": self.magnitude, "n": len(self.p_true)}
+
+
+class NeighbourhoodJSON(TypedDict):
+    """:meth:`NeighbourhoodScores.to_json`: NS, NM and the number of prompts."""
+
+    score: float
+    magnitude: float
+    n: int
+
+
+class CounterFactSpecificity(TypedDict):
+    """:func:`counterfact_specificity` of one edit: neighbourhood scores of the edited and the unedited model on
+    static and dynamic prompts, and NKL (true KL, nats, mean over prompts) static and dynamic."""
+
+    case_id: int
+    edited_static: NeighbourhoodJSON
+    edited_dynamic: NeighbourhoodJSON
+    unedited_static: NeighbourhoodJSON
+    unedited_dynamic: NeighbourhoodJSON
+    nkl_static: float
+    nkl_dynamic: float
 
 
 def dynamic_prompts(prompts: Sequence[str], edit_statement: str) -> list[str]:
@@ -300,7 +340,7 @@ def dynamic_prompts(prompts: Sequence[str], edit_statement: str) -> list[str]:
     return [f"{edit_statement.strip()} {p}" for p in prompts]
 
 
-def neighbourhood_scores(model: Any, prompts: Sequence[str], true_objects: Sequence[str], new_object: str,
+def neighbourhood_scores(model: Model, prompts: Sequence[str], true_objects: Sequence[str], new_object: str,
                          edit_statement: str | None = None, batch_size: int = 64) -> NeighbourhoodScores:
     """NS and NM of ``model`` on neighbourhood ``prompts`` (other subjects of the edited relation, each with its own
     ``true_objects[i]``) against the edit's ``new_object``. Static when ``edit_statement`` is None, dynamic (the
@@ -314,7 +354,7 @@ def neighbourhood_scores(model: Any, prompts: Sequence[str], true_objects: Seque
 
 
 @torch.inference_mode()
-def next_token_logprobs(model: Any, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, "n vocab"]:
+def next_token_logprobs(model: Model, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, "n vocab"]:
     """Log-probabilities of the next token after each prompt's last position (float32, on CPU)."""
     if len(prompts) == 0:
         raise MechunError("empty prompt list: pass at least one prompt")
@@ -334,7 +374,7 @@ def kl_divergence(logp: Float[Tensor, "n vocab_p"], logq: Float[Tensor, "n vocab
     return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
 
 
-def nkl(edited: Any, unedited: Any, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, " n"]:
+def nkl(edited: Model, unedited: Model, prompts: Sequence[str], batch_size: int = 64) -> Float[Tensor, " n"]:
     """NKL per prompt: KL(P_edited || P_unedited) of the next-token distribution at the last prompt position, in
     nats, summed over the vocabulary.
 
@@ -350,19 +390,25 @@ def nkl(edited: Any, unedited: Any, prompts: Sequence[str], batch_size: int = 64
                          next_token_logprobs(unedited, prompts, batch_size))
 
 
-def counterfact_specificity(edited: Any, unedited: Any, record: Any, batch_size: int = 64) -> dict[str, Any]:
-    """CounterFact+ specificity of one edit (a :class:`mechun.data.CounterFactRecord`): NS and NM on its
-    neighbourhood prompts for both models, static and dynamic, and NKL static and dynamic (true KL, nats)."""
+def counterfact_specificity(edited: Model, unedited: Model, record: CounterFactRecord,
+                            batch_size: int = 64) -> CounterFactSpecificity:
+    """CounterFact+ specificity of one edit: NS and NM on its neighbourhood prompts for both models, static and
+    dynamic, and NKL static and dynamic (true KL, nats)."""
     prompts = list(record.neighborhood_prompts)
     if not prompts:
         raise MechunError(f"CounterFact case {record.case_id} has no neighborhood_prompts")
     trues = [record.target_true] * len(prompts)
-    out: dict[str, Any] = {"case_id": record.case_id}
-    for name, model in (("edited", edited), ("unedited", unedited)):
-        for kind, statement in (("static", None), ("dynamic", record.edit_statement)):
-            out[f"{name}_{kind}"] = neighbourhood_scores(model, prompts, trues, record.target_new, statement,
-                                                         batch_size).to_json()
-    out["nkl_static"] = float(nkl(edited, unedited, prompts, batch_size).mean())
-    out["nkl_dynamic"] = float(nkl(edited, unedited, dynamic_prompts(prompts, record.edit_statement),
-                                   batch_size).mean())
-    return out
+
+    def ns(model: Model, statement: str | None) -> NeighbourhoodJSON:
+        return neighbourhood_scores(model, prompts, trues, record.target_new, statement, batch_size).to_json()
+
+    return {
+        "case_id": record.case_id,
+        "edited_static": ns(edited, None),
+        "edited_dynamic": ns(edited, record.edit_statement),
+        "unedited_static": ns(unedited, None),
+        "unedited_dynamic": ns(unedited, record.edit_statement),
+        "nkl_static": float(nkl(edited, unedited, prompts, batch_size).mean()),
+        "nkl_dynamic": float(nkl(edited, unedited, dynamic_prompts(prompts, record.edit_statement),
+                                 batch_size).mean()),
+    }

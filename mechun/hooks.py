@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Literal, get_args
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from mechun.models import bare_forward_view, hook_point, layer_output
+from mechun.models import Model, bare_forward_view, hook_point, layer_output
 
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -34,7 +34,7 @@ def _adapt(fn: HookFn):
 
 
 @contextmanager
-def hooks(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+def hooks(model: Model, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
     """``with hooks(model, [("blocks.2.hook_resid_post", fn)]): model(tokens)``."""
     handles = []
     try:
@@ -46,7 +46,7 @@ def hooks(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]
             h.remove()
 
 
-def count_hooks(model: Any) -> int:
+def count_hooks(model: Model) -> int:
     """Number of torch hooks registered anywhere in the model or its unwrapped HF view (for leak checks)."""
     import itertools
 
@@ -60,11 +60,14 @@ def count_hooks(model: Any) -> int:
     return n
 
 
-FAST_KINDS = ("resid_pre", "resid_post")
+#: The hook kinds (a subset of :data:`mechun.models.HookKind`) the caching fast path can hook on the unwrapped HF
+#: decoder layers: a layer's input and its output.
+FastKind = Literal["resid_pre", "resid_post"]
+FAST_KINDS: tuple[FastKind, ...] = get_args(FastKind)
 
 
 @contextmanager
-def bare_layer_hooks(model: Any, layer_hooks: Sequence[tuple[int, str, HookFn]]) -> Iterator[Any]:
+def bare_layer_hooks(model: Model, layer_hooks: Sequence[tuple[int, FastKind, HookFn]]) -> Iterator[nn.Module]:
     """Hooks on the decoder layers of the bridge's unwrapped HF model; yields that model to run forwards on.
 
     Only ``resid_pre`` (a layer's input) and ``resid_post`` (its output) are supported: they are the same

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 from mechun.errors import MechunError
 from mechun.hooks import hooks
 from mechun.io import load_tensors, save_tensors
-from mechun.models import check_layer, check_same_model, d_model, hook_name, n_layers
+from mechun.models import HookKind, Model, check_layer, check_same_model, d_model, hook_name, n_layers
 
 Intervention = Callable[[], AbstractContextManager]
 """A factory of a hook context (``lambda: sae_intervention(model, sae, feats)``): code that compares a model with
@@ -45,10 +45,10 @@ def applied(intervention: Intervention | None) -> AbstractContextManager:
 class Direction:
     """A direction in the residual stream, with where it came from (``fingerprint`` of the model it was computed on)."""
 
-    vector: Float[Tensor, "*k d_model"]
+    vector: Float[Tensor, " d_model"] | Float[Tensor, "k d_model"]  # one direction, or k spanning a subspace
     fingerprint: str | None = None
     layer: int | None = None
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (saved in the file's header)
 
     def save(self, path: str | Path) -> Path:
         header = {"fingerprint": self.fingerprint, "layer": self.layer, "meta": self.meta}
@@ -61,9 +61,15 @@ class Direction:
 
 
 DirectionLike = Tensor | Direction
+"""A :class:`Direction` or a bare ``d_model`` / ``k d_model`` tensor. Any tensor is accepted here and checked
+against the model at run time, so that a wrong shape gets an error that names the model's ``d_model``."""
+
+Positions = int | slice | Sequence[int] | Bool[Tensor, "batch pos"] | None
+"""Where an intervention applies: every token (``None``), an index / indices / slice of the padded sequence, or a
+boolean mask over the padded tokens (at least as long as the sequence run)."""
 
 
-def _validate(model: Any, direction: DirectionLike, what: str) -> Tensor:
+def _validate(model: Model, direction: DirectionLike, what: str) -> Shaped[Tensor, "*k d_model"]:
     if isinstance(direction, Direction):
         check_same_model(model, direction.fingerprint, what)
         vec = direction.vector
@@ -85,7 +91,8 @@ def _validate(model: Any, direction: DirectionLike, what: str) -> Tensor:
     return vec
 
 
-def _per_layer(model: Any, directions, layers) -> dict[int, Tensor]:
+def _per_layer(model: Model, directions: DirectionLike | Mapping[int, DirectionLike],
+               layers: Sequence[int] | int | None) -> dict[int, Tensor]:
     if isinstance(directions, Mapping):
         if layers is not None:
             raise MechunError("pass per-layer directions as a dict *or* layers=, not both")
@@ -101,7 +108,8 @@ def _per_layer(model: Any, directions, layers) -> dict[int, Tensor]:
     return {check_layer(model, int(layer)): vec for layer in layers}
 
 
-def _position_selector(positions, act: Tensor):
+def _position_selector(positions: Positions, act: Tensor
+                       ) -> slice | tuple[slice, int | slice | list[int]] | Bool[Tensor, "batch seq"]:
     if positions is None:
         return slice(None)
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
@@ -115,7 +123,7 @@ def _position_selector(positions, act: Tensor):
     raise MechunError(f"positions must be None, an int, a list of ints, a slice or a bool mask; got {positions!r}")
 
 
-def _basis(vec: Tensor) -> Tensor:
+def _basis(vec: Shaped[Tensor, "*k d_model"]) -> Float[Tensor, "r d_model"]:
     """Orthonormal rows spanning the direction(s), in float32."""
     v = vec.float().reshape(-1, vec.shape[-1])
     if v.shape[0] == 1:
@@ -125,19 +133,21 @@ def _basis(vec: Tensor) -> Tensor:
     return q.T[keep]
 
 
-def ablate(act: Tensor, basis: Tensor) -> Tensor:
-    """``act`` with its component in the span of the orthonormal rows of ``basis`` removed."""
+def ablate(act: Float[Tensor, "*batch d_model"], basis: Float[Tensor, "k d_model"],
+           ) -> Float[Tensor, "*batch d_model"]:
+    """``act`` (any leading axes, or a single vector) with its component in the span of the orthonormal rows of
+    ``basis`` removed; one direction is a ``1 d_model`` basis. Computed in ``act``'s dtype and on its device."""
     b = basis.to(device=act.device, dtype=act.dtype)
     return act - (act @ b.T) @ b
 
 
 @contextmanager
 def project_out(
-    model: Any,
+    model: Model,
     directions: DirectionLike | Mapping[int, DirectionLike],
     layers: Sequence[int] | int | None = None,
-    positions: Any = None,
-    hook: str = "resid_post",
+    positions: Positions = None,
+    hook: HookKind = "resid_post",
 ) -> Iterator[None]:
     """Within the block, remove ``directions`` (one vector, ``k d_model`` vectors, or ``{layer: vector}``) from
     the residual stream (``hook``) at ``layers`` and ``positions``."""
@@ -157,12 +167,12 @@ def project_out(
 
 @contextmanager
 def add_direction(
-    model: Any,
+    model: Model,
     direction: DirectionLike | Mapping[int, DirectionLike],
     coeff: float = 1.0,
     layers: Sequence[int] | int | None = None,
-    positions: Any = None,
-    hook: str = "resid_post",
+    positions: Positions = None,
+    hook: HookKind = "resid_post",
 ) -> Iterator[None]:
     """Within the block, add ``coeff * direction`` to the residual stream at ``layers`` and ``positions``."""
     if not isinstance(coeff, int | float) or not torch.isfinite(torch.tensor(float(coeff))):

@@ -26,7 +26,7 @@ import tempfile
 import weakref
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import torch
 from jaxtyping import Int
@@ -37,8 +37,22 @@ from mechun.errors import MechunError, ModelMismatchError
 #: Architectures whose loading (and hook-point equivalence with Hugging Face hidden states) the tests check.
 TESTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PretrainedConfig
+
+    Model: TypeAlias = TransformerBridge
+else:  # runtime: no import cost, and annotations stay checkable by beartype under pytest
+    Model = Any
+    PretrainedConfig = Any
+"""The model type every mechun function takes: TransformerLens' ``TransformerBridge`` (see :func:`load_model`)."""
+
+#: The hook kinds mechun names by a short name (``hook_name(model, "resid_post", 3)``); the one source of truth.
+HookKind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
+HOOK_KINDS: tuple[HookKind, ...] = get_args(HookKind)
+
 # Short names for the hook points mechun uses most; any exact hook name of the bridge is accepted too.
-_SHORT_HOOKS = {
+_SHORT_HOOKS: dict[HookKind, str] = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_post": "blocks.{layer}.hook_resid_post",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
@@ -73,8 +87,8 @@ def load_model(
     path_or_name: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    device_map: str | dict | None = None,
-) -> Any:
+    device_map: str | dict[str, int | str | torch.device] | None = None,
+) -> Model:
     """Load a local Hugging Face checkpoint dir or a hub name as a TransformerLens ``TransformerBridge``.
 
     ``device_map`` (e.g. ``"auto"``) spreads a large model over several GPUs through ``transformers``; it excludes
@@ -115,36 +129,36 @@ def load_model(
     return bridge
 
 
-_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[Model, str] = weakref.WeakKeyDictionary()
 
 
-def model_source(model: Any) -> str | None:
+def model_source(model: Model) -> str | None:
     """The path or hub name a model was loaded from, if it came through :func:`load_model`."""
     return _SOURCES.get(model)
 
 
-def hf_model(model: Any) -> nn.Module:
+def hf_model(model: Model) -> nn.Module:
     """The Hugging Face model underneath a bridge (its module tree is wrapped by the bridge's components)."""
     return model.original_model
 
 
-def hf_config(model: Any) -> Any:
+def hf_config(model: Model) -> PretrainedConfig:
     return hf_model(model).config
 
 
-def n_layers(model: Any) -> int:
+def n_layers(model: Model) -> int:
     return int(model.cfg.n_layers)
 
 
-def d_model(model: Any) -> int:
+def d_model(model: Model) -> int:
     return int(model.cfg.d_model)
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _clean_state_dict(model: Any) -> dict[str, Tensor]:
+def _clean_state_dict(model: Model) -> dict[str, Tensor]:
     """The Hugging Face state dict, keys as ``save_pretrained`` writes them, without bridge-only tensors."""
     hf = hf_model(model)
     out: dict[str, Tensor] = {}
@@ -154,10 +168,10 @@ def _clean_state_dict(model: Any) -> dict[str, Tensor]:
     return out
 
 
-_KEYS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEYS_CACHE: weakref.WeakKeyDictionary[Model, list[str]] = weakref.WeakKeyDictionary()
 
 
-def _hf_state_keys(model: Any) -> list[str]:
+def _hf_state_keys(model: Model) -> list[str]:
     """Keys of an unwrapped Hugging Face model of the same config (built once, on the meta device)."""
     from transformers import AutoModelForCausalLM
 
@@ -168,7 +182,7 @@ def _hf_state_keys(model: Any) -> list[str]:
     return _KEYS_CACHE[model]
 
 
-def hf_state_dict(model: Any) -> dict[str, Tensor]:
+def hf_state_dict(model: Model) -> dict[str, Tensor]:
     """Exactly the tensors a Hugging Face checkpoint of this model holds, under their Hugging Face names."""
     wrapped = _clean_state_dict(model)
     keys = _hf_state_keys(model)
@@ -178,7 +192,7 @@ def hf_state_dict(model: Any) -> dict[str, Tensor]:
     return {k: wrapped[k] for k in keys}
 
 
-def save_model(model: Any, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> Path:
+def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> Path:
     """Save a bridge as a local Hugging Face checkpoint dir (config, safetensors, tokenizer) that
     :func:`load_model` reads back. Written to a temporary sibling and renamed, so a failure leaves nothing behind.
     ``extra_files`` maps file names to JSON-serialisable objects written beside the weights."""
@@ -221,13 +235,15 @@ def publish_dir(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Fingerprint
 # ---------------------------------------------------------------------------------------------------------------
-_FP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> (the weights' (name, data pointer, version) when hashed, the fingerprint)
+_FP_CACHE: weakref.WeakKeyDictionary[Model, tuple[tuple[tuple[str, int, int], ...], str]] = (
+    weakref.WeakKeyDictionary())
 
 
-_STATE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATE_CACHE: weakref.WeakKeyDictionary[Model, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def model_fingerprint(model: Any) -> str:
+def model_fingerprint(model: Model) -> str:
     """A short hash of the architecture and every weight.
 
     Cheap to call repeatedly: the hash is recomputed only after a weight tensor changes in place (optimiser steps,
@@ -255,12 +271,12 @@ def model_fingerprint(model: Any) -> str:
     return fp
 
 
-def forget_fingerprint(model: Any) -> None:
+def forget_fingerprint(model: Model) -> None:
     _STATE_CACHE.pop(model, None)
     _FP_CACHE.pop(model, None)
 
 
-def check_same_model(model: Any, fingerprint: str | None, what: str) -> None:
+def check_same_model(model: Model, fingerprint: str | None, what: str) -> None:
     """Refuse an artifact (cache, direction) that was computed on another model."""
     if fingerprint is None:
         return
@@ -275,7 +291,7 @@ def check_same_model(model: Any, fingerprint: str | None, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Hook points and layers
 # ---------------------------------------------------------------------------------------------------------------
-def check_layer(model: Any, layer: int) -> int:
+def check_layer(model: Model, layer: int) -> int:
     n = n_layers(model)
     if isinstance(layer, bool) or not isinstance(layer, int | torch.SymInt) and not hasattr(layer, "__index__"):
         raise TypeError(f"layer must be an int, got {layer!r}")
@@ -285,14 +301,17 @@ def check_layer(model: Any, layer: int) -> int:
     return layer % n
 
 
-def hook_name(model: Any, kind: str, layer: int) -> str:
-    """``hook_name(model, "resid_post", 3) == "blocks.3.hook_resid_post"``, with the layer checked."""
+def hook_name(model: Model, kind: HookKind | str, layer: int) -> str:
+    """``hook_name(model, "resid_post", 3) == "blocks.3.hook_resid_post"``, with the layer checked.
+
+    ``kind`` is a :data:`HookKind`; any other string (a user's, from the CLI or a config) is a :class:`MechunError`
+    naming the valid kinds."""
     if kind not in _SHORT_HOOKS:
-        raise MechunError(f"unknown hook kind {kind!r}; use one of {sorted(_SHORT_HOOKS)} or a full hook name")
+        raise MechunError(f"unknown hook kind {kind!r}; use one of {list(HOOK_KINDS)}")
     return _SHORT_HOOKS[kind].format(layer=check_layer(model, layer))
 
 
-def hook_point(model: Any, name: str) -> nn.Module:
+def hook_point(model: Model, name: str) -> nn.Module:
     """The TransformerLens hook point (an ``nn.Module``) for a hook name, aliases included."""
     point = model.get_hook_point(name) if isinstance(name, str) else None
     if point is None:
@@ -316,9 +335,10 @@ def hook_layer(name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenisation
 # ---------------------------------------------------------------------------------------------------------------
-def tokenize(model: Any, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-padded token ids and attention mask, with the tokenizer's own special tokens (BOS for Llama/Gemma,
-    none for GPT-2 and the organism).
+def tokenize(model: Model, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-padded token ids and attention mask, with the tokenizer's own special tokens: a BOS first for
+    Llama/Gemma and for the organism (its word-level tokenizer prepends ``<bos>``, then one token per word), none
+    for GPT-2.
 
     Right padding keeps absolute and rotary positions of real tokens unchanged; mechun always passes the mask and
     reads "last" positions from it.
@@ -341,7 +361,7 @@ def tokenize(model: Any, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"], 
 # ---------------------------------------------------------------------------------------------------------------
 # The bare Hugging Face forward (fast path for caching)
 # ---------------------------------------------------------------------------------------------------------------
-_BARE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BARE: weakref.WeakKeyDictionary[Model, tuple[nn.Module, list[nn.Module]]] = weakref.WeakKeyDictionary()
 
 
 def _is_bridge(module: nn.Module) -> bool:
@@ -378,7 +398,7 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
-def bare_forward_view(model: Any) -> tuple[nn.Module, list[nn.Module]]:
+def bare_forward_view(model: Model) -> tuple[nn.Module, list[nn.Module]]:
     """The HF model without the bridge's wrappers (sharing every weight), and its decoder layers in order.
 
     A forward through it costs what a plain ``transformers`` forward costs; TransformerLens hook points do not
@@ -395,11 +415,11 @@ def bare_forward_view(model: Any) -> tuple[nn.Module, list[nn.Module]]:
     return _BARE[model]
 
 
-def hook_points_in_use(model: Any) -> bool:
+def hook_points_in_use(model: Model) -> bool:
     """Whether any TransformerLens hook point currently has a hook (ours or the user's)."""
     return any(_has_hooks(point) for point in model.hook_dict.values())
 
 
-def layer_output(output: Any) -> Tensor:
+def layer_output(output: Tensor | tuple[object, ...]) -> Tensor:
     """The hidden states of a decoder layer's output (a tensor, or a tuple whose first item is one)."""
     return output[0] if isinstance(output, tuple) else output

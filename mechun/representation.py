@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import torch
 from jaxtyping import Float
@@ -27,9 +27,10 @@ from mechun.cache import ResidualCache, cache_residuals
 from mechun.errors import MechunError
 from mechun.interventions import Intervention, applied
 from mechun.localize import train_linear_probe
+from mechun.models import Model
 
 
-def last_token_features(model: Any, prompts: Sequence[str], layers: Sequence[int] | None = None,
+def last_token_features(model: Model, prompts: Sequence[str], layers: Sequence[int] | None = None,
                         context: Intervention | None = None) -> Float[Tensor, "layer n d_model"]:
     """``resid_post`` at each prompt's last token, per layer (float32). ``context`` (e.g. an SAE intervention) is
     active during the forward."""
@@ -48,10 +49,21 @@ class ProbeRecoverability:
     n_classes: int
     n_prompts: int
 
-    def to_json(self) -> dict:
+    def to_json(self) -> ProbeRecoverabilityJSON:
         return {"accuracy": self.accuracy, "train_accuracy": self.train_accuracy, "chance": self.chance,
                 "ceiling": self.ceiling,
                 "n_classes": self.n_classes, "n_prompts": self.n_prompts}
+
+
+class ProbeRecoverabilityJSON(TypedDict):
+    """:meth:`ProbeRecoverability.to_json`: its fields, as they are."""
+
+    accuracy: list[float]
+    train_accuracy: list[float]
+    chance: float
+    ceiling: float
+    n_classes: int
+    n_prompts: int
 
 
 def subject_folds(subjects: Sequence[str], seed: int = 0) -> list[bool]:
@@ -64,9 +76,9 @@ def subject_folds(subjects: Sequence[str], seed: int = 0) -> list[bool]:
     return [s in fold0 for s in subjects]
 
 
-def probe_recoverability(model: Any, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[str],
+def probe_recoverability(model: Model, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[str],
                          context: Intervention | None = None, seed: int = 0, steps: int = 300,
-                         features: Tensor | None = None) -> ProbeRecoverability:
+                         features: Float[Tensor, "layer n d_model"] | None = None) -> ProbeRecoverability:
     """Per layer: train a linear probe on half the subjects' prompts, test on the other half's, and swap.
 
     ``labels`` are the attribute values (strings); ``features`` may be passed to reuse a cache
@@ -121,7 +133,7 @@ def cka_between(base_cache: ResidualCache, unlearned_cache: ResidualCache) -> li
                                                                           strict=True)]
 
 
-def cka_by_layer(base: Any, unlearned: Any, prompts: Sequence[str], context: Intervention | None = None,
+def cka_by_layer(base: Model, unlearned: Model, prompts: Sequence[str], context: Intervention | None = None,
                  batch_size: int = 64) -> list[float]:
     """Linear CKA between base and unlearned ``resid_post`` per layer on ``prompts`` (see :func:`cka_between`);
     ``context`` is active for the unlearned model's forward only."""

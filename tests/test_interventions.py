@@ -158,3 +158,20 @@ def test_nested_contexts_remove_only_their_own(tiny_model):
             assert mechun.count_hooks(tiny_model) == before + 2
         assert mechun.count_hooks(tiny_model) == before + 1
     assert mechun.count_hooks(tiny_model) == before
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_ablate_takes_any_leading_axes(lead):
+    """``ablate(act, basis)``: act ``*batch d_model``, basis ``k d_model`` with orthonormal rows (one direction is
+    ``1 d_model``); the span of the rows is removed from every vector, and nothing else is changed."""
+    from mechun.interventions import _basis, ablate
+
+    torch.manual_seed(3)
+    act = torch.randn(*lead, 16, dtype=torch.float64)
+    for k in (1, 3):
+        basis = _basis(torch.randn(k, 16))
+        out = ablate(act, basis)
+        assert out.shape == act.shape and out.dtype == act.dtype
+        assert (out @ basis.double().T).abs().max() < 1e-6
+        removed = act - out  # lies in the span: what is orthogonal to it is kept exactly
+        assert torch.allclose(removed, (removed @ basis.double().T) @ basis.double(), atol=1e-6)

@@ -15,7 +15,8 @@ from transformers import (
 
 import mechun
 from mechun.errors import MechunError, ModelMismatchError
-from mechun.models import hf_state_dict
+from mechun.hooks import FAST_KINDS
+from mechun.models import _SHORT_HOOKS, HOOK_KINDS, hf_state_dict, hook_name, hook_point
 
 VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(60)]
 IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -130,3 +131,14 @@ def test_save_refuses_nonempty_dir_and_leaves_nothing(tiny_model, tmp_path):
 
 def test_model_mismatch_error_is_a_mechun_error():
     assert issubclass(ModelMismatchError, MechunError)
+
+
+def test_hook_kinds_have_one_source_and_bad_kinds_name_them(tmp_path):
+    assert set(HOOK_KINDS) == set(_SHORT_HOOKS) and len(HOOK_KINDS) == len(_SHORT_HOOKS)
+    assert set(FAST_KINDS) <= set(HOOK_KINDS)
+    model = mechun.load_model(_save_random(_configs()["gpt2"], tmp_path / "gpt2"), device="cpu")
+    for kind in HOOK_KINDS:  # every short kind names a real hook point of the bridge
+        assert isinstance(hook_point(model, hook_name(model, kind, 1)), torch.nn.Module)
+    with pytest.raises(MechunError, match="hook kind 'resid_pots'") as err:
+        hook_name(model, "resid_pots", 0)
+    assert all(repr(kind) in str(err.value) for kind in HOOK_KINDS)

@@ -14,11 +14,15 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from mechun.errors import MechunError
 from mechun.models import publish_dir
@@ -61,48 +65,41 @@ def _batches(ids: torch.Tensor, batch_size: int, steps: int, gen: torch.Generato
         i += batch_size
 
 
-def train_organism(
-    out_dir: str | Path,
-    preset: str | Preset = "tiny",
-    seed: int = 0,
-    progress: bool = True,
-    steps: int | None = None,
-) -> Path:
-    """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir``.
-
-    Deterministic on CPU: the same preset and seed give the same weights.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def _resolve_preset(preset: str | Preset) -> tuple[str, Preset]:
+    """The preset's name ("custom" for a :class:`Preset` instance) and settings."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise MechunError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        name, preset = preset, PRESETS[preset]
-    else:
-        name = "custom"
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
-    steps = steps if steps is not None else preset.steps
+        return preset, PRESETS[preset]
+    return "custom", preset
 
-    torch.manual_seed(seed)
-    world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
-    tokenizer = build_tokenizer(world.vocabulary())
-    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact, context_texts=preset.context_texts)
+
+def _encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> Int[Tensor, "n 2 pos"]:
+    """The padded texts as stacked ``(input_ids, labels)`` pairs; labels are -100 on padding."""
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     ids = enc["input_ids"]
     if (ids == tokenizer.unk_token_id).any():
         raise MechunError("the world produced words outside its own vocabulary (a bug in the world generator)")
     labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
-    data = torch.stack([ids, labels], 1)
+    return torch.stack([ids, labels], 1)
+
+
+def _build_model(tokenizer: PreTrainedTokenizerFast, preset: Preset, text_len: int) -> torch.nn.Module:
+    """A freshly initialised GPT-2 (no dropout) sized by ``preset``, with room for twice the longest text."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(64, ids.shape[1] * 2), n_embd=preset.d_model,
+        vocab_size=len(tokenizer), n_positions=max(64, text_len * 2), n_embd=preset.d_model,
         n_layer=preset.n_layer, n_head=preset.n_head, n_inner=4 * preset.d_model,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def _fit(model: torch.nn.Module, data: Int[Tensor, "n 2 pos"], preset: Preset, steps: int, seed: int, desc: str,
+         progress: bool) -> list[float]:
+    """Train ``model`` in place (AdamW, warmup then cosine decay, clipped gradients); returns each step's loss."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -111,8 +108,7 @@ def train_organism(
     )
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    t0 = time.time()
-    bar = tqdm(total=steps, desc=f"training organism ({name}, seed {seed})", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, mininterval=1.0)
     for step, batch in enumerate(_batches(data, preset.batch_size, steps, gen)):
         x, y = batch[:, 0], batch[:, 1]
         width = int((y != -100).sum(1).max())
@@ -128,10 +124,48 @@ def train_organism(
         bar.update(1)
     bar.close()
     model.eval()
+    return losses
 
+
+def _publish(out: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary dir beside ``out``, then move it into place (removed if anything fails)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        write(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_organism(
+    out_dir: str | Path,
+    preset: str | Preset = "tiny",
+    seed: int = 0,
+    progress: bool = True,
+    steps: int | None = None,
+) -> Path:
+    """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir``.
+
+    Deterministic on CPU: the same preset and seed give the same weights.
+    """
+    name, preset = _resolve_preset(preset)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+    steps = steps if steps is not None else preset.steps
+
+    torch.manual_seed(seed)
+    world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
+    tokenizer = build_tokenizer(world.vocabulary())
+    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact, context_texts=preset.context_texts)
+    data = _encode(tokenizer, texts)
+    model = _build_model(tokenizer, preset, data.shape[2])
+    t0 = time.time()
+    losses = _fit(model, data, preset, steps, seed, f"training organism ({name}, seed {seed})", progress)
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         world.save(tmp / "world.json")
@@ -139,10 +173,8 @@ def train_organism(
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
                 "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _publish(out, write)
     return out
 
 

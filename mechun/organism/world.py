@@ -22,11 +22,19 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, TypedDict, get_args
 
 from mechun.errors import MechunError
 
 LETTERS = ("A", "B", "C", "D")
 N_TRAIN_TEMPLATES = 4
+
+#: Which templates a cloze prompt uses: the trained ones, or the held-out paraphrases (:meth:`World.prompts`).
+Split = Literal["train", "paraphrase"]
+SPLITS: tuple[Split, ...] = get_args(Split)
+
+#: A domain is written to be forgotten (WMDP-like) or to be kept (what unlearning must leave intact).
+DomainRole = Literal["forget", "retain"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,17 @@ RELATIONS: tuple[Relation, ...] = (
     ),
 )
 
-DOMAINS: dict[str, str] = {"pathogen": "forget", "cyber": "forget", "sports": "retain", "people": "retain"}
+DOMAINS: dict[str, DomainRole] = {"pathogen": "forget", "cyber": "forget", "sports": "retain", "people": "retain"}
+
+
+def retain_domains() -> list[str]:
+    """The domains that unlearning must leave intact (the neighbourhood of a whole-domain unlearning)."""
+    return [d for d, kind in DOMAINS.items() if kind == "retain"]
+
+
+def forget_domains() -> list[str]:
+    """The domains written to be forgotten (the WMDP-like candidates)."""
+    return [d for d, kind in DOMAINS.items() if kind == "forget"]
 
 _SYLLABLES = ("ka", "zor", "vel", "mi", "tra", "qua", "lo", "ren", "dax", "fi", "sor", "bel", "nu", "gri", "pol",
               "vesh", "tam", "ix", "ul", "bra", "ko", "sen", "thu", "ma")
@@ -194,9 +212,10 @@ class World:
         return [f for f in self.facts if (domain is None or f.domain == domain)
                 and (relation is None or f.relation == relation)]
 
-    def prompts(self, domain: str | None = None, split: str = "train", facts: list[Fact] | None = None) -> list[Prompt]:
+    def prompts(self, domain: str | None = None, split: Split = "train", facts: list[Fact] | None = None,
+                ) -> list[Prompt]:
         """Cloze prompts: ``split="train"`` uses the trained templates, ``"paraphrase"`` the held-out ones."""
-        if split not in ("train", "paraphrase"):
+        if split not in SPLITS:
             raise MechunError(f"split must be 'train' or 'paraphrase', got {split!r}")
         out = []
         for fact in facts if facts is not None else self.facts_of(domain):
@@ -272,7 +291,7 @@ class World:
         return sorted(words)
 
     # -- persistence -------------------------------------------------------------------------------------------
-    def to_json(self) -> dict:
+    def to_json(self) -> WorldJSON:
         return {"seed": self.seed, "subjects_per_domain": self.subjects_per_domain, "domains": DOMAINS,
                 "relations": [asdict(r) for r in RELATIONS], "subjects": self.subjects,
                 "facts": [asdict(f) for f in self.facts], "filler": self.filler}
@@ -294,6 +313,18 @@ class World:
         except (KeyError, TypeError) as e:
             raise MechunError(f"{p} is not a mechun world file (missing or bad field: {e})") from e
         return world
+
+
+class WorldJSON(TypedDict):
+    """:meth:`World.to_json`, as ``world.json`` holds it: the world's fields, the domains and the relations."""
+
+    seed: int
+    subjects_per_domain: int
+    domains: dict[str, DomainRole]
+    relations: list[dict[str, str | tuple[str, ...]]]  # dataclasses.asdict of each Relation
+    subjects: dict[str, str]
+    facts: list[dict[str, str]]  # dataclasses.asdict of each Fact
+    filler: list[str]
 
 
 def mcq_text(question: str, choices: tuple[str, ...]) -> str:
@@ -320,3 +351,9 @@ def relation(name: str) -> Relation:
         if r.name == name:
             return r
     raise MechunError(f"unknown relation {name!r}; known: {[r.name for r in RELATIONS]}")
+
+
+def other_values(fact: Fact) -> list[str]:
+    """The values of the fact's relation other than its true answer, in the relation's order: the candidates for a
+    counterfactual edit or a corruption of that fact (``rng.choice(other_values(fact))``)."""
+    return [v for v in relation(fact.relation).values if v != fact.answer]
