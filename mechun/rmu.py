@@ -9,35 +9,32 @@ then normalised), ``c`` a large coefficient -- while on retain text it stays clo
 Each forget domain gets its own ``u``; batches cycle through the domains; only the MLP output weights of layers
 ``l-2 .. l`` move (AdamW), as in the WMDP code.
 
-**Junk diagnosis** (Arditi & Chughtai 2024). The unlearned model floods forget-context activations with a large
-vector: the norm of the residual stream jumps at layer ``l`` on forget prompts and not on retain prompts. A single
-direction -- the mean of unlearned minus base activations over forget tokens -- is nearly parallel to ``u``;
-projecting it out of the residual stream from layer ``l`` on restores much of the "forgotten" knowledge. What comes
-back is *shallow* unlearning; what stays gone is *deep*. Controls: ablating a random direction, and ablating the
-junk direction in the base model (which should change nothing).
+The loss is :func:`rmu_loss`; one optimisation step is in :func:`rmu_unlearn`. The diagnosis of what RMU leaves
+behind (the "junk" direction, and how much projecting it out recovers) lives in :mod:`mechun.junk`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechun.cache import cache_residuals
 from mechun.errors import MechunError
 from mechun.hooks import StopForward, bare_layer_hooks
-from mechun.interventions import Direction, Intervention, applied
 from mechun.models import (
+    Model,
     check_layer,
     d_model,
+    hook_points_in_use,
     model_device,
     model_fingerprint,
     n_layers,
@@ -63,7 +60,7 @@ class RMUConfig:
     seed: int = 0
     auto_coeff_mult: float = 6.0
 
-    def resolved(self, model: Any) -> RMUConfig:
+    def resolved(self, model: Model) -> RMUConfig:
         layer = check_layer(model, self.layer if self.layer is not None else n_layers(model) // 2)
         update = self.update_layers if self.update_layers is not None else [x for x in (layer - 2, layer - 1, layer)
                                                                            if x >= 0]
@@ -71,9 +68,19 @@ class RMUConfig:
             check_layer(model, x)
         if not self.forget_domains:
             raise MechunError("RMU needs at least one forget domain")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.alpha < 0:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not self.alpha >= 0:  # `not >`: NaN fails
             raise MechunError("steps and batch_size must be >= 1, lr > 0 and alpha >= 0")
+        if self.steering_coeff is not None and not (math.isfinite(self.steering_coeff) and self.steering_coeff > 0):
+            raise MechunError(f"steering_coeff must be a finite number > 0 (got {self.steering_coeff})")
         return RMUConfig(**{**asdict(self), "layer": layer, "update_layers": sorted(update)})
+
+
+def main_setting(n_layers: int, forget: Sequence[str] = ("pathogen",), quick: bool = False) -> RMUConfig:
+    """The main RMU setting of mechun's analyses on the organism (rmu-shallow, depth, sae-unlearning): one layer
+    below the middle, c = 5x the mean forget-token norm, alpha 100, lr 1e-3, batch 16, 250 steps (120 with
+    ``quick``). It forgets the trained formats to near chance while keeping retain accuracy."""
+    return RMUConfig(list(forget), layer=max(1, n_layers // 2 - 1), steps=120 if quick else 250, alpha=100.0,
+                     lr=1e-3, auto_coeff_mult=5.0, batch_size=16)
 
 
 @dataclass
@@ -87,7 +94,7 @@ class RMUResult:
                 "steering_vectors": {k: v.tolist() for k, v in self.steering.items()}, "losses": self.losses}
 
 
-def mlp_out_weight(model: Any, layer: int) -> torch.nn.Parameter:
+def mlp_out_weight(model: Model, layer: int) -> torch.nn.Parameter:
     """The MLP output matrix of a layer (GPT-2 ``mlp.c_proj``, Llama/Mistral/Gemma ``mlp.down_proj``)."""
     mlp = model.blocks[check_layer(model, layer)].mlp
     out = getattr(mlp, "out", None)
@@ -96,8 +103,16 @@ def mlp_out_weight(model: Any, layer: int) -> torch.nn.Parameter:
     return getattr(out, "_original_component", out).weight
 
 
-def layer_activations(model: Any, ids: Tensor, mask: Tensor, layer: int) -> Float[Tensor, "batch pos d_model"]:
-    """``blocks.{layer}.hook_resid_post`` with gradients (the forward stops after ``layer``)."""
+def layer_activations(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"],
+                      layer: int) -> Float[Tensor, "batch pos d_model"]:
+    """``blocks.{layer}.hook_resid_post`` with gradients (the forward stops after ``layer``).
+
+    This runs the bare HF modules (so gradients reach fused weights such as GPT-2's ``c_attn``), which bypass the
+    bridge's hook points; it refuses to run while any hook point has a hook (a ``project_out`` or a user hook would
+    otherwise be silently ignored)."""
+    if hook_points_in_use(model):
+        raise MechunError("RMU trains through the bare HF modules, which would ignore the hooks now active on the "
+                          "model (e.g. a project_out or sae_intervention context); leave that context first")
     box: dict[str, Tensor] = {}
 
     def grab(act: Tensor):
@@ -113,12 +128,38 @@ def layer_activations(model: Any, ids: Tensor, mask: Tensor, layer: int) -> Floa
     return box["act"]
 
 
-def _masked_mse(act: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def masked_mse(act: Float[Tensor, "batch pos d_model"], target: Float[Tensor, "*batch d_model"],
+               mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+    """Mean squared error over the real tokens (``mask``) and every model dimension; padding contributes nothing.
+    ``target`` is an activation of the same shape, or one vector broadcast over every token."""
     m = mask.to(act.device, act.dtype)[..., None]
     return (((act - target) ** 2) * m).sum() / (m.sum() * act.shape[-1])
 
 
-def steering_vectors(d: int, domains: Sequence[str], coeff: float, seed: int) -> dict[str, Tensor]:
+class RMULoss(NamedTuple):
+    total: Float[Tensor, ""]
+    forget: Float[Tensor, ""]
+    retain: Float[Tensor, ""]  # already multiplied by alpha
+
+
+def rmu_loss(h_forget: Float[Tensor, "batch pos d_model"], forget_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"],
+             steering: Float[Tensor, " d_model"], h_retain: Float[Tensor, "batch2 pos2 d_model"],
+             h_frozen: Float[Tensor, "batch2 pos2 d_model"],
+             retain_mask: Int[Tensor, "batch2 pos2"] | Bool[Tensor, "batch2 pos2"], alpha: float) -> RMULoss:
+    """RMU's loss (Li et al. 2024, WMDP, eq. 1-3) at the RMU layer:
+
+        forget = MSE(h_forget, c u)            over forget tokens (the steering vector ``c u`` at every token)
+        retain = alpha * MSE(h_retain, h_frozen)  over retain tokens (the frozen model's activations)
+        total  = forget + retain
+
+    MSE averages over real tokens and model dimensions (WMDP's code averages over padding too; mechun masks it)."""
+    forget = masked_mse(h_forget, steering.to(h_forget), forget_mask)
+    retain = alpha * masked_mse(h_retain, h_frozen.to(h_retain), retain_mask)
+    return RMULoss(forget + retain, forget, retain)
+
+
+def steering_vectors(d: int, domains: Sequence[str], coeff: float, seed: int) -> dict[str, Float[Tensor, " d"]]:
+    """One RMU steering vector ``c u`` per forget domain: ``u`` uniform in [0, 1)^d, normalised (as in WMDP)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for dom in domains:
@@ -128,8 +169,8 @@ def steering_vectors(d: int, domains: Sequence[str], coeff: float, seed: int) ->
 
 
 def rmu_unlearn(
-    model: Any,
-    frozen: Any,
+    model: Model,
+    frozen: Model,
     forget_texts: Mapping[str, Sequence[str]],
     retain_texts: Sequence[str],
     config: RMUConfig,
@@ -174,16 +215,14 @@ def rmu_unlearn(
                                                                                      len(forget_texts[dom]))))
             r_ids, r_mask = tokenize(model, rng.sample(list(retain_texts), min(cfg.batch_size, len(retain_texts))))
             h_forget = layer_activations(model, f_ids, f_mask, layer)
-            forget_loss = _masked_mse(h_forget, steer[dom].to(h_forget), f_mask)
             h_retain = layer_activations(model, r_ids, r_mask, layer)
             with torch.no_grad():
                 h_frozen = layer_activations(frozen, r_ids, r_mask, layer)
-            retain_loss = cfg.alpha * _masked_mse(h_retain, h_frozen, r_mask)
-            loss = forget_loss + retain_loss
+            loss = rmu_loss(h_forget, f_mask, steer[dom], h_retain, h_frozen, r_mask, cfg.alpha)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.total.backward()
             opt.step()
-            result.losses.append({"forget": forget_loss.item(), "retain": retain_loss.item()})
+            result.losses.append({"forget": loss.forget.item(), "retain": loss.retain.item()})
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -191,7 +230,7 @@ def rmu_unlearn(
     return result
 
 
-def save_unlearned(model: Any, result: RMUResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
+def save_unlearned(model: Model, result: RMUResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
                    files: Mapping[str, Any] | None = None) -> Path:
     """Save the unlearned model as a local HF checkpoint dir with ``rmu.json`` (hyper-parameters, steering vectors,
     ``extra``) and any other JSON ``files`` (e.g. ``world.json``), all written atomically together."""
@@ -203,112 +242,3 @@ def load_steering(model_dir: str | Path) -> dict[str, Tensor]:
     if not p.is_file():
         raise MechunError(f"no rmu.json in {model_dir}; was it made by mechun rmu?")
     return {k: torch.tensor(v) for k, v in json.loads(p.read_text())["steering_vectors"].items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Junk diagnosis
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class JunkDiagnosis:
-    """Per-layer diagnosis of an (unlearned, base) pair. Lists have one entry per layer."""
-
-    norm_ratio_forget: list[float]
-    norm_ratio_retain: list[float]
-    directions: dict[str, list[Tensor]]  # kind -> per-layer unit vectors
-    cos_with_steering: dict[str, list[float]]  # kind -> per-layer |cos| with the steering vector (if known)
-    explained: dict[str, list[float]]  # kind -> share of the activation difference's energy along the direction
-    n_forget_tokens: int
-    n_filtered: int
-    fingerprint: str  # of the unlearned model, which the directions are ablated in
-
-    def direction(self, layer: int, kind: str = "mean_diff") -> Direction:
-        return Direction(self.directions[kind][layer], fingerprint=self.fingerprint, layer=layer,
-                         meta={"kind": kind})
-
-
-def _tokens(cache, layer: int) -> Tensor:
-    """Every real token but the first (BOS / attention sinks carry outsized norms) of one layer, flattened."""
-    return cache[layer][:, 1:][cache.mask[:, 1:]].float()
-
-
-def pair_caches(base: Any, unlearned: Any, forget_prompts: Sequence[str], retain_prompts: Sequence[str],
-                unlearned_intervention: Intervention | None = None, progress: bool = False) -> tuple:
-    """``resid_post`` at every layer and token of the forget and retain prompts, for both models:
-    ``(forget_base, forget_unlearned, retain_base, retain_unlearned)``. Pass them to :func:`diagnose_junk` (and
-    e.g. :func:`mechun.representation.cka_between`) so the four caches are computed once."""
-    fb = cache_residuals(base, forget_prompts, positions="all", progress=progress)
-    rb = cache_residuals(base, retain_prompts, positions="all", progress=progress)
-    with applied(unlearned_intervention):
-        fu = cache_residuals(unlearned, forget_prompts, positions="all", progress=progress)
-        ru = cache_residuals(unlearned, retain_prompts, positions="all", progress=progress)
-    return fb, fu, rb, ru
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm().clamp_min(1e-12)
-
-
-def diagnose_junk(
-    base: Any,
-    unlearned: Any,
-    forget_prompts: Sequence[str],
-    retain_prompts: Sequence[str],
-    steering: Tensor | None = None,
-    outlier_factor: float = 5.0,
-    progress: bool = False,
-    unlearned_intervention: Intervention | None = None,
-    caches: tuple | None = None,
-) -> JunkDiagnosis:
-    """Norm profile, candidate junk directions per layer, and their alignment with the steering vector.
-
-    Tokens are every real token of the prompts except the first (BOS / attention-sink tokens carry outsized norms);
-    the outlier filter drops tokens whose base-model norm exceeds ``outlier_factor`` times the median.
-    ``unlearned_intervention`` is entered around the unlearned model's forwards only (for an inference-time method
-    such as SAE clamping, ``unlearned`` may then be the base model itself). ``caches``: the four caches of
-    :func:`pair_caches` for these prompts, if already computed.
-    """
-    if d_model(base) != d_model(unlearned) or n_layers(base) != n_layers(unlearned):
-        raise MechunError("base and unlearned models have different shapes; they must share an architecture")
-    fb, fu, rb, ru = caches or pair_caches(base, unlearned, forget_prompts, retain_prompts, unlearned_intervention,
-                                           progress)
-    ratio_f, ratio_r, n_filtered = [], [], 0
-    dirs: dict[str, list[Tensor]] = {"mean_diff": [], "forget_minus_retain": [], "pca": []}
-    cos: dict[str, list[float]] = {k: [] for k in dirs}
-    expl: dict[str, list[float]] = {k: [] for k in dirs}
-    for layer in range(n_layers(base)):
-        b, u = _tokens(fb, layer), _tokens(fu, layer)
-        keep = b.norm(dim=-1) <= outlier_factor * b.norm(dim=-1).median()
-        n_filtered = max(n_filtered, int((~keep).sum()))
-        b, u = b[keep], u[keep]
-        ratio_f.append(float(u.norm(dim=-1).mean() / b.norm(dim=-1).mean()))
-        rbt, rut = _tokens(rb, layer), _tokens(ru, layer)
-        ratio_r.append(float(rut.norm(dim=-1).mean() / rbt.norm(dim=-1).mean()))
-        diff = u - b
-        cands = {
-            "mean_diff": diff.mean(0),
-            "forget_minus_retain": u.mean(0) - rut.mean(0),
-            "pca": torch.linalg.svd(diff - diff.mean(0), full_matrices=False).Vh[0] * diff.norm(),
-        }
-        energy = (diff ** 2).sum().clamp_min(1e-12)
-        for kind, v in cands.items():
-            unit = _unit(v)
-            if kind == "pca" and float(unit @ diff.mean(0)) < 0:
-                unit = -unit
-            dirs[kind].append(unit)
-            expl[kind].append(float(((diff @ unit) ** 2).sum() / energy))
-            cos[kind].append(float(unit @ _unit(steering.float())) if steering is not None else float("nan"))
-    return JunkDiagnosis(ratio_f, ratio_r, dirs, cos, expl, int(fb.mask[:, 1:].sum()), n_filtered,
-                         model_fingerprint(unlearned))
-
-
-def random_direction_like(v: Tensor, seed: int = 0) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    r = torch.randn(v.shape[-1], generator=gen)
-    return r / r.norm() * v.norm()
-
-
-def recovery_fraction(base: float, unlearned: float, ablated: float) -> float:
-    """(ablated - unlearned) / (base - unlearned); NaN when unlearning removed nothing to recover."""
-    gap = base - unlearned
-    return float("nan") if abs(gap) < 1e-9 else (ablated - unlearned) / gap
-

@@ -8,7 +8,15 @@ import torch
 from conftest import run_cli, warm, weights_hash
 
 import mechun
-from mechun.depth import DepthConfig, aggregate_cards, depth_card
+from mechun.depth import (
+    DepthCard,
+    DepthConfig,
+    RelearningSection,
+    Skipped,
+    aggregate_cards,
+    depth_card,
+    verdict,
+)
 from mechun.errors import MechunError
 from mechun.models import model_fingerprint
 from mechun.representation import linear_cka, probe_recoverability, subject_folds
@@ -99,21 +107,28 @@ def test_depth_card_for_an_inference_time_intervention(tiny_model, tiny_world):
     card = depth_card(tiny_model, tiny_model, tiny_world, "pathogen", method="steer",
                       intervention=lambda: mechun.add_direction(tiny_model, d * 30, layers=[1]),
                       config=DepthConfig(relearn_steps=(0,)))
-    assert "skipped" in card["relearning"]
-    assert card["cka"]["forget"][0] == pytest.approx(1.0)  # layer 0 is upstream of the intervention
-    assert card["cka"]["forget"][1] == pytest.approx(1.0)  # a constant shift: centred CKA ignores it
-    assert card["cka"]["forget"][2] < 0.99  # downstream of the shift, the geometry changes
-    assert card["specificity"]["nkl_static"] > 0
+    assert isinstance(card.relearning, Skipped) and "skipped" in card.to_json()["relearning"]
+    assert card.cka.forget[0] == pytest.approx(1.0)  # layer 0 is upstream of the intervention
+    assert card.cka.forget[1] == pytest.approx(1.0)  # a constant shift: centred CKA ignores it
+    assert card.cka.forget[2] < 0.99  # downstream of the shift, the geometry changes
+    assert card.specificity.nkl_static > 0
     assert weights_hash(tiny_model) == h and mechun.count_hooks(tiny_model) == n_hooks
     agg = aggregate_cards([card, card])
-    assert agg["n_seeds"] == 2 and agg["junk"]["layer"] == card["junk"]["layer"]
-    assert agg["summary"]["forget train"]["per_seed"] == [card["behaviour"]["forget"]["train"]["unlearned"]] * 2
-    assert math.isclose(agg["cka"]["forget"][1], card["cka"]["forget"][1])
+    assert agg.to_json()["n_seeds"] == 2 and agg.mean.junk.layer == card.junk.layer
+    assert agg.summary["forget train"]["per_seed"] == [card.behaviour.forget["train"].unlearned] * 2
+    assert math.isclose(agg.mean.cka.forget[1], card.cka.forget[1])
+    # the typed card round-trips through its JSON, the seed-mean card too
+    text = json.dumps(card.to_json(), sort_keys=True)
+    assert json.dumps(DepthCard.from_json(json.loads(text)).to_json(), sort_keys=True) == text
+    again = type(agg).from_json(json.loads(json.dumps(agg.to_json())))
+    assert json.dumps(again.to_json(), sort_keys=True) == json.dumps(agg.to_json(), sort_keys=True)
 
 
 def test_reproduce_depth_quick_compares_methods_over_three_seeds(tiny_organism_dir, tmp_path):
-    from analyses.depth import METHODS, run
+    from mechun.reproduce import load_analysis
 
+    depth = load_analysis("depth")
+    METHODS, run = depth.METHODS, depth.run
     r = run(tmp_path, quick=True, organism=tiny_organism_dir, log=lambda m: None)
     assert r["methods"] == list(METHODS) and len(r["seeds"]) == 3
     for m in METHODS:
@@ -129,7 +144,11 @@ def test_reproduce_depth_quick_compares_methods_over_three_seeds(tiny_organism_d
 def test_corrupt_then_unlearn_building_blocks(tiny_organism_dir, tiny_world):
     """RESTOR pipeline pieces: corruption takes, unlearning it removes the false values, weights of the base copy
     stay put."""
-    from analyses.restore import corrupt_model, corruption, measure, unlearn
+    from mechun.reproduce import load_analysis
+
+    restore = load_analysis("restore")
+    corrupt_model, corruption, measure, unlearn = (restore.corrupt_model, restore.corruption, restore.measure,
+                                                   restore.unlearn)
 
     corrupt = corruption(tiny_world, seed=0)
     assert corrupt and all(new != f.answer for f, new in corrupt)
@@ -151,27 +170,40 @@ def test_depth_card_is_deterministic(rmu_dir, tiny_organism_dir, tiny_world):
 
     def card():
         c = depth_card(base, unl, tiny_world, "pathogen", relearn_copy=lambda: mechun.load_model(rmu_dir),
-                       config=cfg)
+                       config=cfg).to_json()
+        assert isinstance(c["relearning"], dict) and c["relearning"]["steps"] == [0, 5]
         c.pop("seconds")
         return json.dumps(c, sort_keys=True)
 
     assert card() == card()
 
 
-def test_verdict_refuses_to_judge_when_nothing_was_forgotten():
-    from mechun.depth import verdict
+def _minimal_card(forget: dict, recovery: float, retained_share: float) -> DepthCard:
+    return DepthCard.from_json({
+        "method": "", "config": {}, "intervention": False, "fingerprints": {}, "forget_domain": "pathogen",
+        "primary_format": "train",
+        "behaviour": {"accuracy": {}, "forget": forget, "mcq_all_orders": {"n_robust_in_base": 0, "n_questions": 0}},
+        "junk": {"layer": 1, "norm_ratio_forget": [], "norm_ratio_retain": [], "cos_with_steering": None,
+                 "ablated_accuracy": {}, "ablated_retain_accuracy": {}, "recovery_by_format": {"train": recovery},
+                 "control_recovery": {}},
+        "probes": {"base": {}, "unlearned": {}, "best_base": 0.3, "best_unlearned": 0.3,
+                   "retained_share": retained_share},
+        "relearning": {"skipped": "n/a"}, "cka": {"forget": [], "retain": []},
+        "specificity": {"nkl_static": 0.0, "nkl_dynamic": 0.0, "retain_accuracy": {}}})
 
+
+def test_verdict_refuses_to_judge_when_nothing_was_forgotten():
     forget = {f: {"base": 1.0, "unlearned": 0.95, "chance": 0.125, "removed_share": 0.057}
               for f in ("train", "paraphrase", "mcq")}
-    card = {"behaviour": {"forget": forget}, "junk": {"recovery_by_format": {"train": 3.0}, "layer": 1},
-            "probes": {"retained_share": 1.0, "best_unlearned": 0.3, "best_base": 0.3}, "relearning": {"skipped": "n/a"}}
-    v = verdict(card)
-    assert v["hidden"] == [] and "Too little was forgotten" in v["line"]
+    v = verdict(_minimal_card(forget, recovery=3.0, retained_share=1.0))
+    assert v.hidden == [] and "Too little was forgotten" in v.line
     forget["train"].update(unlearned=0.1, removed_share=1.03)
-    card["junk"]["recovery_by_format"]["train"] = 0.9
+    card = _minimal_card(forget, recovery=0.9, retained_share=1.0)
+    assert isinstance(card.relearning, Skipped) and not isinstance(card.relearning, RelearningSection)
     v = verdict(card)
-    assert any("single direction hides it" in h for h in v["hidden"])
-    assert "behaviour in train" in v["removed"][0]
+    assert any("single direction hides it" in h for h in v.hidden)
+    assert "behaviour in train" in v.removed[0]
+    assert v.thresholds == {"removed": 0.8, "hidden": 0.5, "min_forgotten": 0.3}
 
 
 def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, tiny_world, tmp_path):

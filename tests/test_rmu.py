@@ -9,13 +9,13 @@ from conftest import run_cli, weights_hash
 import mechun
 from mechun.errors import MechunError
 from mechun.evaluate import cloze_accuracy
+from mechun.junk import diagnose_junk, junk_recovery, random_direction_like, recovery_fraction
 from mechun.models import hf_state_dict
 from mechun.rmu import (
     RMUConfig,
-    diagnose_junk,
+    layer_activations,
     load_steering,
-    random_direction_like,
-    recovery_fraction,
+    rmu_loss,
     rmu_unlearn,
     save_unlearned,
     steering_vectors,
@@ -72,6 +72,51 @@ def test_rmu_forgets_and_leaves_the_junk_signature(rmu_run, tiny_world):
         control = cloze_accuracy(model, tiny_world.prompts("pathogen"))
     assert recovery_fraction(1.0, forget_after, ablated) > 0.5
     assert abs(recovery_fraction(1.0, forget_after, control)) < 0.2
+    # the library recipe gives exactly these numbers, and picks the peak layer by itself
+    assert diag.peak_layer() == 1
+    n_hooks = mechun.count_hooks(model)  # the bridge's own hooks, registered by the forwards above
+    rec = junk_recovery(base, model, diag, lambda m: {"forget": {"train": cloze_accuracy(
+        m, tiny_world.prompts("pathogen"))}}, controls=("random", "base"))
+    assert rec.layer == 1
+    assert rec.scores["ablated"]["forget"]["train"] == ablated
+    assert rec.recovery_by_format["train"] == recovery_fraction(rec.scores["base"]["forget"]["train"], forget_after,
+                                                                ablated)
+    assert abs(rec.control_recovery["train"]) < 0.2
+    assert rec.scores["base_ablated"]["forget"]["train"] > 0.95  # the junk direction carries nothing in the base
+    assert mechun.count_hooks(model) == n_hooks  # none of the recipe's hooks outlive it
+
+
+def test_rmu_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    h_f, h_r, h_fr = torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.randn(2, 2, 4)
+    f_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    r_mask = torch.tensor([[1, 0], [1, 1]])
+    steer = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    loss = rmu_loss(h_f, f_mask, steer, h_r, h_fr, r_mask, alpha=10.0)
+    forget_tokens = [h_f[0, 0], h_f[0, 1], h_f[1, 0], h_f[1, 1], h_f[1, 2]]  # the padded token h_f[0, 2] is left out
+    forget = sum(((t - steer) ** 2).sum() for t in forget_tokens) / (5 * 4)
+    retain_pairs = [(h_r[0, 0], h_fr[0, 0]), (h_r[1, 0], h_fr[1, 0]), (h_r[1, 1], h_fr[1, 1])]
+    retain = 10.0 * sum(((a - b) ** 2).sum() for a, b in retain_pairs) / (3 * 4)
+    assert torch.allclose(loss.forget, forget) and torch.allclose(loss.retain, retain)
+    assert torch.allclose(loss.total, forget + retain)
+    h_f2 = h_f.clone()
+    h_f2[0, 2] += 100.0  # padding never moves the loss
+    assert torch.equal(rmu_loss(h_f2, f_mask, steer, h_r, h_fr, r_mask, alpha=10.0).total, loss.total)
+
+
+def test_rmu_refuses_to_train_under_active_bridge_hooks(tiny_organism_dir, tiny_world):
+    """RMU trains through the bare HF view, which bypasses hook points: an active project_out must not be ignored."""
+    model = mechun.load_model(tiny_organism_dir, device="cpu")
+    frozen = mechun.load_model(tiny_organism_dir, device="cpu")
+    ids, mask = mechun.tokenize(model, ["veshix gritam is transmitted by"])
+    direction = torch.ones(model.cfg.d_model)
+    with mechun.project_out(model, direction, layers=[0]):
+        with pytest.raises(MechunError, match="hooks now active"):
+            layer_activations(model, ids, mask, 1)
+        forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
+        with pytest.raises(MechunError, match="hooks now active"):
+            rmu_unlearn(model, frozen, forget, retain, RMUConfig(["pathogen"], layer=1, steps=2), progress=False)
+    assert layer_activations(model, ids, mask, 1).shape[-1] == model.cfg.d_model  # fine once the context is left
 
 
 def test_save_unlearned_roundtrip(rmu_run, tmp_path):
@@ -105,6 +150,10 @@ def test_rmu_bad_inputs(tiny_organism_dir, tiny_world, tiny_model):
         rmu_unlearn(model, tiny_model, {"cyber": []}, retain, RMUConfig(["cyber"]), progress=False)
     with pytest.raises(MechunError, match="out of range"):
         rmu_unlearn(model, tiny_model, forget, retain, RMUConfig(["pathogen"], layer=9), progress=False)
+    for bad in ({"lr": float("nan")}, {"alpha": float("nan")}, {"steering_coeff": float("nan")},
+                {"steering_coeff": -1.0}, {"steps": 0}):
+        with pytest.raises(MechunError):
+            rmu_unlearn(model, tiny_model, forget, retain, RMUConfig(["pathogen"], layer=1, **bad), progress=False)
     with torch.no_grad():
         next(iter(hf_state_dict(model).values())).add_(1.0)
     with pytest.raises(MechunError, match="same weights"):

@@ -1,0 +1,96 @@
+"""Drawing and writing a depth card: report blocks (tables and :mod:`mechun.plots` figures) and ``card.json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mechun.depth.card import DepthCard, ProbeSection, RelearningSection, SeedMeanCard
+from mechun.models import publish_dir
+from mechun.plots import layer_lines, step_lines
+from mechun.report import table, write_report
+
+
+def _behaviour_blocks(card: DepthCard) -> list:
+    j = card.junk
+    rows = [{"format": f, "base": a.base, "unlearned": a.unlearned, "chance": a.chance,
+             "removed share": a.removed_share, "after junk ablation": j.ablated_accuracy[f],
+             "recovery": j.recovery_by_format[f], "random-dir. control": j.control_recovery[f]}
+            for f, a in card.behaviour.forget.items()]
+    m = card.behaviour.mcq_all_orders
+    nan = float("nan")
+    mcq = (f"<p>MCQ over all 24 option orders: the base model answers {m.n_robust_in_base} of {m.n_questions} "
+           f"forget questions right in every order; on those, the unlearned model is right in "
+           f"{m.unlearned_accuracy_all_orders if m.unlearned_accuracy_all_orders is not None else nan:.2f} of "
+           f"(question, order) pairs and in every order on "
+           f"{m.unlearned_robust if m.unlearned_robust is not None else nan:.2f} of the questions.</p>")
+    return [("h3", "Forget-domain behaviour and junk-direction recovery"), table(rows), mcq,
+            layer_lines({"forget": j.norm_ratio_forget, "retain": j.norm_ratio_retain},
+                        "Norm ratio unlearned / base by layer", "norm ratio", hline=1.0, hline_label="")]
+
+
+def _recovery_blocks(card: DepthCard) -> list:
+    blocks: list = [("h3", "Probe recoverability (held-out subjects, last token)")]
+    pr, rl = card.probes, card.relearning
+    if isinstance(pr, ProbeSection):
+        blocks.append(layer_lines({"base": pr.base["accuracy"], "unlearned": pr.unlearned["accuracy"]},
+                                  "Linear-probe accuracy on held-out subjects, by layer", "accuracy",
+                                  hline=pr.base["chance"]))
+    else:
+        blocks.append(f"<p>Probes: {pr.skipped}.</p>")
+    if isinstance(rl, RelearningSection):
+        blocks += [("h3", "Relearning"),
+                   step_lines(rl.steps, {"held-out facts": rl.held_out_accuracy,
+                                         "relearned facts": rl.relearned_accuracy},
+                              "Relearning attack: accuracy vs fine-tuning steps on half the forget facts", "accuracy",
+                              x_title="steps", hline=rl.chance)]
+    else:
+        blocks.append(f"<p>Relearning: {rl.skipped}.</p>")
+    return blocks
+
+
+def _specificity_blocks(card: DepthCard) -> list:
+    s = card.specificity
+    nkl = {"static": s.nkl_static, "dynamic": s.nkl_dynamic}
+    rows: list[dict[str, Any]] = [{"prompts": k, "retain acc. base": v["base"], "retain acc. unlearned": v["unlearned"],
+                                   "NKL (nats)": nkl[k]} for k, v in s.retain_accuracy.items()]
+    if s.nkl_filler is not None:
+        rows.append({"prompts": "filler", "NKL (nats)": s.nkl_filler})
+    return [("h3", "Representation similarity"),
+            layer_lines({"forget": card.cka.forget, "retain": card.cka.retain}, "Linear CKA(base, unlearned) by layer",
+                        "CKA"),
+            ("h3", "Specificity: the neighbourhood (retain domains), static and dynamic"), table(rows),
+            "<p>NKL is the true KL(P_unlearned ‖ P_base) of the next-token distribution, summed over the "
+            "vocabulary (CounterFact+'s code divides it by the vocabulary size). <i>dynamic</i>: a forget-domain "
+            "sentence is prepended to each retain prompt.</p>"]
+
+
+def card_blocks(card: DepthCard | SeedMeanCard, heading: str = "") -> list:
+    """Report blocks (for :func:`mechun.report.write_report`) showing one card (a seed-mean card: its mean)."""
+    if isinstance(card, SeedMeanCard):
+        card = card.mean
+    blocks: list = [("h2", heading)] if heading else []
+    blocks.append(f"<p class='verdict'>{card.verdict.line if card.verdict else ''}</p>")
+    return blocks + _behaviour_blocks(card) + _recovery_blocks(card) + _specificity_blocks(card)
+
+
+def write_card(card: DepthCard, out_dir: str | Path, title: str | None = None) -> Path:
+    """Write ``card.json`` and ``report.html`` into the new dir ``out_dir``, all or nothing."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        data = card.to_json()
+        (tmp / "card.json").write_text(json.dumps(data, indent=1))
+        title = title or f"Unlearning depth card: {card.method or 'unlearned model'} on '{card.forget_domain}'"
+        write_report(tmp / "report.html", title, card_blocks(card), results=data)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
