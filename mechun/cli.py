@@ -7,17 +7,45 @@
     mechun reproduce rmu-shallow|depth|... --out DIR [--quick] [--seed N]
 
 Progress goes to stderr; with ``--json`` stdout holds exactly one JSON object.
+
+Each command is two neighbours: ``_add_<cmd>`` declares its options and ``_cmd_<cmd>`` runs it (with
+``_check_<cmd>`` between them where options depend on each other). Defaults are read from the library
+(``RMUConfig``, ``train_sae``, ``DepthConfig``, ...), so the command and the Python API cannot drift apart.
+
+An argument mistake -- a value of the wrong kind or range, or an option given without the one it needs -- is a usage
+error: argparse prints the command's usage line and exits with status 2, before any model is loaded and before
+anything is written. What can only be known by reading files or models (a missing checkpoint, an unknown domain, an
+out-of-range layer) is a runtime error, printed as ``mechun: error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
+import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from mechun.depth import DepthCard, DepthConfig
+from mechun.edit import KINDS as EDIT_KINDS
+from mechun.edit import localized_finetune
+from mechun.models import HOOK_KINDS
+from mechun.organism.train import PRESETS
+from mechun.organism.world import MCQ_STYLES
+from mechun.reproduce import ANALYSES
+from mechun.rmu import RMUConfig
+from mechun.sae import MODES as SAE_MODES
+from mechun.sae import sae_intervention, select_features, train_sae
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+Parser = argparse.ArgumentParser
+Subparsers = argparse._SubParsersAction
 
 
 def _quiet_transformers() -> None:
@@ -27,7 +55,152 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _cmd_organism_train(args) -> int:
+# -- argument types: each raises ArgumentTypeError, which argparse turns into a usage error naming the option --------
+def _int(text: str, minimum: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if minimum is not None and value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1, "a positive integer")
+
+
+def _ints(text: str, minimum: int | None, what: str) -> list[int]:
+    try:
+        return [_int(x.strip(), minimum, what) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    return _ints(text, None, "comma-separated integers, e.g. 0,2")
+
+
+def _non_negative_int_list(text: str) -> list[int]:
+    return _ints(text, 0, "comma-separated non-negative integers, e.g. 0,5,10")
+
+
+def _float(text: str, ok: Callable[[float], bool], what: str) -> float:
+    """A finite float that passes ``ok``; NaN and infinities never do (``nan <= 0`` is False, so check finiteness)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    return _float(text, lambda v: True, "a finite number")
+
+
+def _finite_positive_float(text: str) -> float:
+    return _float(text, lambda v: v > 0, "a finite number > 0")
+
+
+def _non_negative_float(text: str) -> float:
+    return _float(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def _dtype(text: str) -> str:
+    import torch
+
+    if not isinstance(getattr(torch, text, None), torch.dtype):
+        raise argparse.ArgumentTypeError(f"expected a torch dtype name such as float32 or bfloat16, got {text!r}")
+    return text
+
+
+def _components(text: str) -> str:
+    """'all', or KIND:LAYER items separated by commas (``mlp:1,attn:2``); returned as given once it parses."""
+    if text == "all":
+        return text
+    for item in text.split(","):
+        kind, _, layer = item.partition(":")
+        if kind not in EDIT_KINDS or not re.fullmatch(r"-?\d+", layer):
+            raise argparse.ArgumentTypeError(f"expected 'all' or KIND:LAYER items with KIND in {list(EDIT_KINDS)}, "
+                                             f"e.g. mlp:1,attn:2; got {text!r}")
+    return text
+
+
+def _default(fn: Callable[..., Any], name: str) -> Any:
+    """The library's default for keyword ``name`` of ``fn``: the command line offers the same one."""
+    return inspect.signature(fn).parameters[name].default
+
+
+# -- option groups shared by several commands ------------------------------------------------------------------------
+def _model_options(p: Parser, large: bool = False) -> None:
+    """--device; with ``large`` also --device-map (exclusive with --device) and --dtype, for checkpoints of any size."""
+    group = p.add_mutually_exclusive_group() if large else p
+    group.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    if large:
+        group.add_argument("--device-map", default=None, help='e.g. "auto" to spread a 7B model over several GPUs')
+        p.add_argument("--dtype", type=_dtype, default=None, help="e.g. bfloat16 (default: float32)")
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model`` keywords from the --device / --device-map / --dtype options the command has."""
+    device_map, dtype = getattr(args, "device_map", None), getattr(args, "dtype", None)
+    kw: dict[str, Any] = {"device_map": device_map} if device_map else {"device": args.device}
+    return kw | ({"dtype": dtype} if dtype else {})
+
+
+def _world_option(p: Parser, where: str = "--model", what: str = "world.json") -> None:
+    p.add_argument("--world", help=f"{what} (default: the one in {where})")
+
+
+def _out_option(p: Parser, help: str, required: bool = True) -> None:
+    p.add_argument("--out", required=required, help=help)
+
+
+def _seed_option(p: Parser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
+def _progress_option(p: Parser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or messages on stderr")
+
+
+def _command(p: Parser, func: Callable[[argparse.Namespace], int],
+             check: Callable[[Parser, argparse.Namespace], None] | None = None) -> None:
+    """Register the handler and the cross-option check; ``main`` runs the check with this (sub)parser."""
+    p.set_defaults(func=func, check=check, parser=p)
+
+
+def _all_or_none(parser: Parser, args: argparse.Namespace, options: Sequence[str], mode: str) -> bool:
+    """Usage error unless all of ``options`` or none are given; True when all are."""
+    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_")) is not None]
+    if given and len(given) < len(options):
+        missing = [o for o in options if o not in given]
+        parser.error(f"{mode} needs all of {', '.join(options)}; missing {', '.join(missing)}")
+    return bool(given)
+
+
+def _fresh_out(out: str | Path) -> None:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+
+
+# -- organism --------------------------------------------------------------------------------------------------------
+def _add_organism(sub: Subparsers) -> None:
+    org = sub.add_parser("organism", help="train a model organism on a synthetic knowledge world")
+    org_sub = org.add_subparsers(dest="organism_command", required=True)
+    p = org_sub.add_parser("train", help="train and save an organism checkpoint dir (config, weights, world.json)")
+    p.add_argument("--preset", choices=list(PRESETS), default="small",
+                   help="tiny: seconds, for tests; small: about a minute, the main job (default: %(default)s)")
+    _seed_option(p)
+    _out_option(p, "new checkpoint directory")
+    _progress_option(p)
+    _command(p, _cmd_organism_train)
+
+
+def _cmd_organism_train(args: argparse.Namespace) -> int:
     from mechun.organism.train import train_organism
 
     out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress)
@@ -35,55 +208,104 @@ def _cmd_organism_train(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
+# -- eval ------------------------------------------------------------------------------------------------------------
+def _add_eval(sub: Subparsers) -> None:
+    p = sub.add_parser("eval", help="accuracy per domain and format (train templates, paraphrases, MCQ)")
+    p.add_argument("--model", required=True, help="organism checkpoint dir")
+    _world_option(p)
+    p.add_argument("--domains", help="comma-separated domains (default: all)")
+    _model_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _command(p, _cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
-    from mechun.organism.world import World
+    from mechun.organism.world import DOMAINS, World
 
     world = World.load(args.world or args.model)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_load_kwargs(args))
     acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None)
     if args.json:
         print(json.dumps({"model": args.model, "accuracy": acc}))
-    else:
-        print(f"{'domain':<10} {'kind':<7} {'train':>6} {'paraphrase':>11} {'mcq':>6}")
-        from mechun.organism.world import DOMAINS
-
-        for domain, a in acc.items():
-            print(f"{domain:<10} {DOMAINS.get(domain, ''):<7} {a['train']:>6.3f} {a['paraphrase']:>11.3f} "
-                  f"{a['mcq']:>6.3f}")
+        return 0
+    print(f"{'domain':<10} {'kind':<7} {'train':>6} {'paraphrase':>11} {'mcq':>6}")
+    for domain, a in acc.items():
+        print(f"{domain:<10} {DOMAINS.get(domain, ''):<7} {a['train']:>6.3f} {a['paraphrase']:>11.3f} "
+              f"{a['mcq']:>6.3f}")
     return 0
 
 
-def _cmd_cache(args) -> int:
+# -- cache -----------------------------------------------------------------------------------------------------------
+def _add_cache(sub: Subparsers) -> None:
     from mechun.cache import cache_residuals
+
+    p = sub.add_parser("cache", help="cache residual streams of prompts (one per line) to a safetensors file")
+    p.add_argument("--model", required=True, help="checkpoint dir or hub name")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--layers", type=_int_list, help="comma-separated layers (default: all)")
+    p.add_argument("--positions", default="last", choices=["last", "all"], help="(default: %(default)s)")
+    p.add_argument("--hook", default=_default(cache_residuals, "hook"), choices=HOOK_KINDS,
+                   help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=_default(cache_residuals, "batch_size"),
+                   help="prompts per forward pass (default: %(default)s)")
+    _model_options(p)
+    _out_option(p, "the .safetensors file to write")
+    _progress_option(p)
+    _command(p, _cmd_cache)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from mechun.cache import cache_residuals
+    from mechun.data import read_prompts
     from mechun.models import load_model
 
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    model = load_model(args.model, device=args.device)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    cache = cache_residuals(model, prompts, layers=layers, positions=args.positions, batch_size=args.batch_size,
+    prompts = read_prompts(args.prompts)
+    model = load_model(args.model, **_load_kwargs(args))
+    cache = cache_residuals(model, prompts, layers=args.layers, positions=args.positions, batch_size=args.batch_size,
                             hook=args.hook, progress=not args.no_progress)
     cache.save(args.out)
     print(f"cached {tuple(cache.acts.shape)} ({cache.hook_names[0]}..) to {args.out}", file=sys.stderr)
     return 0
 
 
-def _cmd_rmu(args) -> int:
+# -- rmu -------------------------------------------------------------------------------------------------------------
+def _add_rmu(sub: Subparsers) -> None:
+    cfg = RMUConfig(forget_domains=[])  # the library's defaults
+    p = sub.add_parser("rmu", help="unlearn a forget domain with RMU; saves an HF checkpoint dir with rmu.json")
+    p.add_argument("--model", required=True, help="base organism checkpoint dir")
+    p.add_argument("--forget", required=True, help="forget domain(s), comma-separated (e.g. pathogen)")
+    p.add_argument("--layer", type=int, default=cfg.layer, help="RMU layer l (default n_layers//2); updates l-2..l")
+    p.add_argument("--steering-coeff", type=_finite_positive_float, default=cfg.steering_coeff,
+                   help=f"c; default {cfg.auto_coeff_mult:g}x the base model's mean forget-token norm at the layer")
+    p.add_argument("--alpha", type=_non_negative_float, default=cfg.alpha,
+                   help="weight of the retain loss (default: %(default)s)")
+    p.add_argument("--lr", type=_finite_positive_float, default=cfg.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=cfg.steps, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=cfg.batch_size, help="(default: %(default)s)")
+    _seed_option(p)
+    _world_option(p)
+    _model_options(p)
+    _out_option(p, "new checkpoint directory")
+    _progress_option(p)
+    _command(p, _cmd_rmu)
+
+
+def _cmd_rmu(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
     from mechun.organism.world import World
-    from mechun.rmu import RMUConfig, rmu_unlearn, save_unlearned
+    from mechun.rmu import rmu_unlearn, save_unlearned
 
+    _fresh_out(args.out)
     world = World.load(args.world or args.model)
     forget = args.forget.split(",")
     cfg = RMUConfig(forget, layer=args.layer, steering_coeff=args.steering_coeff, alpha=args.alpha, lr=args.lr,
                     steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
-    model, frozen = load_model(args.model, device=args.device), load_model(args.model, device=args.device)
+    model, frozen = load_model(args.model, **_load_kwargs(args)), load_model(args.model, **_load_kwargs(args))
     forget_texts, retain = world.corpora(forget, mcq_per_fact=mcq_orders_trained(args.model))
     res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
     save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]},
@@ -92,85 +314,179 @@ def _cmd_rmu(args) -> int:
     return 0
 
 
-def _cmd_junk(args) -> int:
-    from analyses.junk_pair import run, run_prompts
+# -- junk ------------------------------------------------------------------------------------------------------------
+def _add_junk(sub: Subparsers) -> None:
+    p = sub.add_parser("junk", help="junk-direction diagnosis and recovery for a (base, unlearned) pair")
+    p.add_argument("--base", required=True, help="base checkpoint dir")
+    p.add_argument("--unlearned", required=True, help="unlearned checkpoint dir")
+    p.add_argument("--forget", default=None, help="forget domain (default: from rmu.json)")
+    p.add_argument("--layer", type=int, default=None, help="layer of the direction (default: rmu.json's)")
+    p.add_argument("--forget-prompts", help="any models: forget-domain prompts, one per line (diagnosis only)")
+    p.add_argument("--retain-prompts", help="any models: retain prompts, one per line")
+    _model_options(p, large=True)
+    _out_option(p, "output directory (results.json, report.html, junk_direction.safetensors)")
+    _command(p, _cmd_junk, _check_junk)
 
-    if args.forget_prompts or args.retain_prompts:
-        if not (args.forget_prompts and args.retain_prompts):
-            raise FileNotFoundError("pass both --forget-prompts and --retain-prompts (text files, one per line)")
-        read = lambda f: [x.strip() for x in Path(f).read_text().splitlines() if x.strip()]  # noqa: E731
-        kw = {"dtype": args.dtype}
-        kw.update({"device_map": args.device_map} if args.device_map else {"device": args.device})
-        r = run_prompts(args.base, args.unlearned, Path(args.out), read(args.forget_prompts),
-                        read(args.retain_prompts), layer=args.layer, **kw)
+
+def _check_junk(parser: Parser, args: argparse.Namespace) -> None:
+    _all_or_none(parser, args, ("--forget-prompts", "--retain-prompts"), "prompt-file mode")
+
+
+def _cmd_junk(args: argparse.Namespace) -> int:
+    from mechun.data import read_prompts
+    from mechun.junk import junk_pair_job, junk_prompts_job
+
+    if args.forget_prompts:
+        forget, retain = read_prompts(args.forget_prompts), read_prompts(args.retain_prompts)
+        r = junk_prompts_job(args.base, args.unlearned, Path(args.out), forget, retain, layer=args.layer,
+                             **_load_kwargs(args))
         print(json.dumps({"out": args.out, "layer": r["layer"], "norm_ratio_forget": r["norm_ratio_forget"]}))
         return 0
-    r = run(Path(args.base), Path(args.unlearned), Path(args.out), forget=args.forget, layer=args.layer)
-    print(json.dumps({"out": args.out, "layer": r["layer"], "recovery_fraction_by_format": r["recovery_fraction_by_format"]}))
+    r = junk_pair_job(Path(args.base), Path(args.unlearned), Path(args.out), forget=args.forget, layer=args.layer)
+    print(json.dumps({"out": args.out, "layer": r["layer"],
+                      "recovery_fraction_by_format": r["recovery_fraction_by_format"]}))
     return 0
 
 
-def _cmd_localize(args) -> int:
+# -- localize --------------------------------------------------------------------------------------------------------
+_LOCALIZE_NEEDS = {"causal-tracing": ("prompt", "subject", "answer"),
+                   "activation-patching": ("clean", "corrupt", "answer", "wrong"),
+                   "attribution-patching": ("clean", "corrupt", "answer", "wrong"), "probing": ("relation",)}
+def _add_localize(sub: Subparsers) -> None:
+    from mechun.localize import NOISE_RULES, TRACE_KINDS, causal_trace
+
+    p = sub.add_parser("localize", help="where is a fact recalled? patching, attribution, causal tracing, probes")
+    p.add_argument("--model", required=True, help="checkpoint dir or hub name")
+    p.add_argument("--method", required=True, choices=list(_LOCALIZE_NEEDS))
+    p.add_argument("--clean", help="patching: the clean prompt")
+    p.add_argument("--corrupt", help="patching: the corrupt prompt (same number of tokens)")
+    p.add_argument("--answer", help="the clean answer (one token)")
+    p.add_argument("--wrong", help="patching: the corrupt prompt's answer; metric = logit(answer) - logit(wrong)")
+    p.add_argument("--hook", default="resid_pre", choices=HOOK_KINDS, help="patching (default: %(default)s)")
+    p.add_argument("--prompt", help="causal tracing: the prompt")
+    p.add_argument("--subject", help="causal tracing: the subject whose tokens are corrupted")
+    p.add_argument("--kind", default=_default(causal_trace, "kind"), choices=TRACE_KINDS,
+                   help="causal tracing: what is restored (default: %(default)s)")
+    p.add_argument("--samples", type=_positive_int, default=_default(causal_trace, "samples"),
+                   help="causal tracing: noise samples (default: %(default)s)")
+    p.add_argument("--noise-rule", default=_default(causal_trace, "noise_rule"), choices=NOISE_RULES,
+                   help="causal tracing: noise scale; subjects = ROME's 3 x std of subject-token embeddings over "
+                        "the world's subjects (organism) or the traced subject; embedding = 3 x std of the whole "
+                        "embedding matrix (default: %(default)s)")
+    p.add_argument("--relation", help="probing: an organism relation (e.g. sport)")
+    _world_option(p, what="probing and causal tracing: world.json")
+    _seed_option(p)
+    _model_options(p)
+    _out_option(p, "write the JSON here too", required=False)
+    _command(p, _cmd_localize, _check_localize)
+
+
+def _check_localize(parser: Parser, args: argparse.Namespace) -> None:
+    missing = [f"--{n}" for n in _LOCALIZE_NEEDS[args.method] if getattr(args, n) is None]
+    if missing:
+        parser.error(f"--method {args.method} needs {' '.join(missing)}")
+
+
+def _localize_patching(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mechun import localize
+
+    metric = localize.logit_diff_metric(model, args.answer, args.wrong)
+    if args.method == "activation-patching":
+        res = localize.activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook)
+    else:
+        res = localize.attribution_patching(model, args.clean, args.corrupt, metric, hooks_=[args.hook])[args.hook]
+    return {"method": args.method, "hook": args.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
+            "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric,
+            "metric": f"logit({args.answer}) - logit({args.wrong}) at the last position"}
+
+
+def _localize_trace(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mechun.localize import causal_trace
+
+    subjects = None
+    if args.noise_rule == "subjects" and (args.world or (Path(args.model) / "world.json").is_file()):
+        from mechun.organism.world import World
+
+        subjects = sorted(World.load(args.world or args.model).subjects)  # ROME: every subject of the dataset
+    res = causal_trace(model, args.prompt, args.answer, args.subject, kind=args.kind, samples=args.samples,
+                       seed=args.seed, noise_rule=args.noise_rule, subjects=subjects)
+    return {"method": args.method, "hook": res.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
+            "p_clean": res.clean_metric, "p_corrupt": res.corrupt_metric, "sigma": res.sigma,
+            "noise_rule": args.noise_rule, "noise_subjects": "world" if subjects else "traced subject",
+            "peak": dict(zip(("layer", "position", "indirect_effect"), res.peak(), strict=True))}
+
+
+def _localize_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mechun.localize import probe_layers
+    from mechun.organism.world import World, relation
+
+    world = World.load(args.world or args.model)
+    rel = relation(args.relation)
+    facts = world.facts_of(relation=args.relation)
+    held = {f.subject for f in facts[: max(1, len(facts) // 3)]}
+    rows = [(t.format(s=f.subject), f.subject, rel.values.index(f.answer), f.subject not in held)
+            for f in facts for t in rel.train_templates]
+    res = probe_layers(model, *map(list, zip(*rows, strict=True)), seed=args.seed)
+    return {"method": args.method, "relation": args.relation, "train_accuracy": res.train_accuracy,
+            "test_accuracy": res.test_accuracy, "lookup_layers": res.lookup_layers(), "n_test": res.n_test}
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
     from mechun.models import load_model
 
-    model = load_model(args.model, device=args.device)
-    need = {"activation-patching": ("clean", "corrupt", "answer", "wrong"),
-            "attribution-patching": ("clean", "corrupt", "answer", "wrong"),
-            "causal-tracing": ("prompt", "subject", "answer"), "probing": ("relation",)}[args.method]
-    missing = [f"--{n}" for n in need if getattr(args, n) is None]
-    if missing:
-        raise FileNotFoundError(f"--method {args.method} needs {' '.join(missing)}")
-    if args.method in ("activation-patching", "attribution-patching"):
-        metric = localize.logit_diff_metric(model, args.answer, args.wrong)
-        if args.method == "activation-patching":
-            res = localize.activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook)
-        else:
-            res = localize.attribution_patching(model, args.clean, args.corrupt, metric, hooks_=[args.hook])[args.hook]
-        out = {"method": args.method, "hook": args.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
-               "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric,
-               "metric": f"logit({args.answer}) - logit({args.wrong}) at the last position"}
-    elif args.method == "causal-tracing":
-        res = localize.causal_trace(model, args.prompt, args.answer, args.subject, kind=args.kind,
-                                    samples=args.samples, seed=args.seed)
-        out = {"method": args.method, "hook": res.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
-               "p_clean": res.clean_metric, "p_corrupt": res.corrupt_metric,
-               "peak": dict(zip(("layer", "position", "indirect_effect"), res.peak(), strict=True))}
-    else:
-        from mechun.organism.world import World, relation
-
-        world = World.load(args.world or args.model)
-        rel = relation(args.relation)
-        facts = world.facts_of(relation=args.relation)
-        held = {f.subject for f in facts[: max(1, len(facts) // 3)]}
-        rows = [(t.format(s=f.subject), f.subject, rel.values.index(f.answer), f.subject not in held)
-                for f in facts for t in rel.train_templates]
-        res = localize.probe_layers(model, *map(list, zip(*rows, strict=True)), seed=args.seed)
-        out = {"method": args.method, "relation": args.relation, "train_accuracy": res.train_accuracy,
-               "test_accuracy": res.test_accuracy, "lookup_layers": res.lookup_layers(), "n_test": res.n_test}
-    text = json.dumps(out)
+    model = load_model(args.model, **_load_kwargs(args))
+    run = {"causal-tracing": _localize_trace, "probing": _localize_probe}.get(args.method, _localize_patching)
+    text = json.dumps(run(model, args))
     if args.out:
         Path(args.out).write_text(text)
     print(text)
     return 0
 
 
-def _cmd_edit(args) -> int:
-    from mechun.edit import component_mask, full_mask, localized_finetune
+# -- edit ------------------------------------------------------------------------------------------------------------
+_EDIT_MODES = {"unlearn": "unlearn", "edit": "learn"}  # command-line mode -> localized_finetune's mode
+
+
+def _add_edit(sub: Subparsers) -> None:
+    p = sub.add_parser("edit", help="unlearn or edit organism facts by fine-tuning only chosen components")
+    p.add_argument("--model", required=True, help="organism checkpoint dir")
+    p.add_argument("--relation", required=True, help="e.g. sport")
+    p.add_argument("--subjects", required=True, help="subjects, separated by ';'")
+    p.add_argument("--mode", choices=list(_EDIT_MODES), default="unlearn", help="(default: %(default)s)")
+    p.add_argument("--new-answer", help="edit: the new attribute")
+    p.add_argument("--components", type=_components, default="mlp:1",
+                   help="e.g. mlp:1,attn:2, or 'all' (nonlocalized) (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=_default(localized_finetune, "steps"),
+                   help="(default: %(default)s)")
+    p.add_argument("--lr", type=_finite_positive_float, default=_default(localized_finetune, "lr"),
+                   help="(default: %(default)s)")
+    _seed_option(p)
+    _world_option(p)
+    _model_options(p)
+    _out_option(p, "new checkpoint directory (with edit.json)")
+    _progress_option(p)
+    _command(p, _cmd_edit, _check_edit)
+
+
+def _check_edit(parser: Parser, args: argparse.Namespace) -> None:
+    if args.mode == "edit" and not args.new_answer:
+        parser.error("--mode edit needs --new-answer")
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from mechun.edit import component_mask, full_mask
+    from mechun.errors import MechunError
     from mechun.evaluate import cloze_accuracy
     from mechun.models import load_model, save_model
     from mechun.organism.world import World
 
+    _fresh_out(args.out)
     world = World.load(args.world or args.model)
     subjects = [s.strip() for s in args.subjects.split(";") if s.strip()]
     facts = [f for f in world.facts_of(relation=args.relation) if f.subject in subjects]
     if len(facts) != len(subjects):
-        raise FileNotFoundError(f"not every subject has a {args.relation!r} fact in the world: {subjects}")
-    if args.mode == "edit" and not args.new_answer:
-        raise FileNotFoundError("--mode edit needs --new-answer")
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
-    model = load_model(args.model, device=args.device)
+        raise MechunError(f"not every subject has a {args.relation!r} fact in the world: {subjects}")
+    model = load_model(args.model, **_load_kwargs(args))
     if args.components == "all":
         mask = full_mask(model)
     else:
@@ -178,30 +494,54 @@ def _cmd_edit(args) -> int:
         mask = component_mask(model, comps, label=args.components)
     prompts = world.prompts(facts=facts)
     answers = [p.answer for p in prompts] if args.mode == "unlearn" else [args.new_answer] * len(prompts)
-    others = [f for f in world.facts if f not in facts]
-    maintain = [(p.text, p.answer) for p in world.prompts(facts=others)]
-    localized_finetune(model, mask, [p.text for p in prompts], answers, mode="unlearn" if args.mode == "unlearn"
-                       else "learn", maintain=maintain, lm_texts=world.filler, steps=args.steps, lr=args.lr,
-                       seed=args.seed, progress=not args.no_progress)
+    others = world.prompts(facts=[f for f in world.facts if f not in facts])
+    localized_finetune(model, mask, [p.text for p in prompts], answers, mode=_EDIT_MODES[args.mode],
+                       maintain=[(p.text, p.answer) for p in others], lm_texts=world.filler, steps=args.steps,
+                       lr=args.lr, seed=args.seed, progress=not args.no_progress)
     info = {"mode": args.mode, "relation": args.relation, "subjects": subjects, "new_answer": args.new_answer,
             "mask": mask.to_json(), "steps": args.steps, "lr": args.lr, "seed": args.seed, "base_model": args.model,
-            "edited_accuracy": cloze_accuracy(model, prompts), "other_accuracy": cloze_accuracy(
-                model, world.prompts(facts=others))}
+            "edited_accuracy": cloze_accuracy(model, prompts), "other_accuracy": cloze_accuracy(model, others)}
     save_model(model, args.out, extra_files={"edit.json": info, "world.json": world.to_json()})
     print(json.dumps({k: v for k, v in info.items() if k != "mask"} | {"n_params": mask.n_params}))
     return 0
 
 
-def _cmd_sae_train(args) -> int:
+# -- sae -------------------------------------------------------------------------------------------------------------
+def _add_sae(sub: Subparsers) -> None:
+    sae = sub.add_parser("sae", help="sparse autoencoders: train one with sae-lens, unlearn by feature clamping")
+    sae_sub = sae.add_subparsers(dest="sae_command", required=True)
+    _add_sae_train(sae_sub)
+    _add_sae_unlearn(sae_sub)
+
+
+def _add_sae_train(sub: Subparsers) -> None:
+    p = sub.add_parser("train", help="train an SAE on blocks.{layer}.hook_resid_post (offline) and save it")
+    p.add_argument("--model", required=True, help="organism checkpoint dir")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--architecture", choices=["standard", "topk"], default=_default(train_sae, "architecture"),
+                   help="(default: %(default)s)")
+    p.add_argument("--d-sae", type=_positive_int, default=_default(train_sae, "d_sae"),
+                   help="number of features (default: %(default)s)")
+    p.add_argument("--k", type=_positive_int, default=_default(train_sae, "k"),
+                   help="topk: active features per token (default: %(default)s)")
+    p.add_argument("--tokens", type=_positive_int, default=_default(train_sae, "training_tokens"),
+                   help="training tokens (default: %(default)s)")
+    _seed_option(p)
+    _world_option(p)
+    _model_options(p)
+    _out_option(p, "new SAE directory")
+    _command(p, _cmd_sae_train)
+
+
+def _cmd_sae_train(args: argparse.Namespace) -> int:
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
     from mechun.organism.world import World
-    from mechun.sae import save_sae, train_sae
+    from mechun.sae import save_sae
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise FileExistsError(f"{args.out} exists and is not empty; choose a new --out")
+    _fresh_out(args.out)
     world = World.load(args.world or args.model)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_load_kwargs(args))
     sae = train_sae(model, world.training_texts(mcq_orders_trained(args.model)), layer=args.layer,
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, training_tokens=args.tokens,
                     seed=args.seed)
@@ -210,15 +550,33 @@ def _cmd_sae_train(args) -> int:
     return 0
 
 
-def _cmd_sae_unlearn(args) -> int:
+def _add_sae_unlearn(sub: Subparsers) -> None:
+    p = sub.add_parser("unlearn", help="select forget features (SAEBench rule) and measure the intervention")
+    p.add_argument("--model", required=True, help="organism checkpoint dir")
+    p.add_argument("--sae", required=True, help="SAE dir written by `mechun sae train` (or any sae-lens dir)")
+    p.add_argument("--forget", required=True, help="forget domain, e.g. pathogen")
+    p.add_argument("--threshold", type=_non_negative_float, default=_default(select_features, "retain_threshold"),
+                   help="max activation frequency on retain text (default: %(default)s)")
+    p.add_argument("--n", type=_positive_int, default=_default(select_features, "n"),
+                   help="number of features (default: %(default)s)")
+    p.add_argument("--mode", choices=SAE_MODES, default=_default(sae_intervention, "mode"),
+                   help="(default: %(default)s)")
+    p.add_argument("--value", type=_finite_float, default=_default(sae_intervention, "value"),
+                   help="clamp: -m; scale: -k (default: %(default)s)")
+    _world_option(p)
+    _model_options(p)
+    _command(p, _cmd_sae_unlearn)
+
+
+def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
     from mechun.organism.world import World
-    from mechun.sae import feature_stats, load_sae, sae_intervention, select_features
+    from mechun.sae import feature_stats, load_sae
 
     world = World.load(args.world or args.model)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_load_kwargs(args))
     sae = load_sae(args.sae)
     forget, retain = world.corpora([args.forget], mcq_per_fact=mcq_orders_trained(args.model))
     feats = select_features(feature_stats(model, sae, forget[args.forget]), feature_stats(model, sae, retain),
@@ -230,65 +588,113 @@ def _cmd_sae_unlearn(args) -> int:
     return 0
 
 
-def _cmd_depth(args) -> int:
+# -- depth -----------------------------------------------------------------------------------------------------------
+_BENCHMARK_FILES = ("--forget-mcq", "--retain-mcq", "--forget-prompts", "--retain-prompts")
+
+
+def _add_depth(sub: Subparsers) -> None:
+    cfg = DepthConfig()
+    p = sub.add_parser("depth", help="unlearning depth card for a (base, unlearned) pair: removed or hidden?")
+    p.add_argument("--base", required=True, help="base checkpoint dir (an organism: its world.json is used)")
+    p.add_argument("--unlearned", required=True, help="unlearned checkpoint dir, made by any method")
+    p.add_argument("--forget", help="organism pair: the forgotten domain, e.g. pathogen")
+    p.add_argument("--forget-mcq", help="benchmark mode (any checkpoints): forget MCQ file, e.g. WMDP-Bio .jsonl")
+    p.add_argument("--retain-mcq", help="benchmark mode: retain MCQ file, e.g. MMLU .parquet")
+    p.add_argument("--forget-prompts", help="benchmark mode: forget-domain text, one prompt per line")
+    p.add_argument("--retain-prompts", help="benchmark mode: retain text, one prompt per line")
+    p.add_argument("--mcq-style", default="mmlu", choices=list(MCQ_STYLES),
+                   help="how questions are rendered (default: %(default)s)")
+    p.add_argument("--method", help="label for the report (default: the unlearned dir's name)")
+    p.add_argument("--layer", type=int, default=cfg.junk_layer,
+                   help="layer of the junk direction (default: where the forget norm ratio peaks)")
+    p.add_argument("--relearn-steps", type=_non_negative_int_list, default=",".join(map(str, cfg.relearn_steps)),
+                   help="organism pair: comma-separated relearning checkpoints (default: %(default)s)")
+    _seed_option(p)
+    _world_option(p, where="--base")
+    _model_options(p, large=True)
+    _out_option(p, "new directory for card.json and report.html")
+    _progress_option(p)
+    _command(p, _cmd_depth, _check_depth)
+
+
+def _check_depth(parser: Parser, args: argparse.Namespace) -> None:
+    if not _all_or_none(parser, args, _BENCHMARK_FILES, "benchmark mode") and not args.forget:
+        parser.error("pass --forget DOMAIN (an organism pair) or the four benchmark files "
+                     f"({' '.join(_BENCHMARK_FILES)})")
+
+
+def _depth_benchmark_card(args: argparse.Namespace, cfg: DepthConfig,
+                          log: Callable[[str], None] | None) -> DepthCard:
+    from mechun.data import load_mcq, read_prompts
+    from mechun.depth import mcq_depth_card
+    from mechun.models import load_model
+
+    forget_mcq = load_mcq(args.forget_mcq, style=args.mcq_style)
+    retain_mcq = load_mcq(args.retain_mcq, style=args.mcq_style)
+    forget, retain = read_prompts(args.forget_prompts), read_prompts(args.retain_prompts)
+    base, unlearned = load_model(args.base, **_load_kwargs(args)), load_model(args.unlearned, **_load_kwargs(args))
+    return mcq_depth_card(base, unlearned, forget_mcq, retain_mcq, forget, retain,
+                          method=args.method or Path(args.unlearned).name, config=cfg, log=log)
+
+
+def _depth_organism_card(args: argparse.Namespace, cfg: DepthConfig,
+                         log: Callable[[str], None] | None) -> DepthCard:
     from dataclasses import replace
 
-    from mechun.depth import DepthConfig, depth_card, write_card
+    from mechun.depth import depth_card
     from mechun.models import load_model
     from mechun.organism.world import World
     from mechun.rmu import load_steering
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
-    files = [args.forget_mcq, args.retain_mcq, args.forget_prompts, args.retain_prompts]
-    if any(files) and not all(files):
-        raise FileNotFoundError("benchmark mode needs all of --forget-mcq, --retain-mcq, --forget-prompts and "
-                                "--retain-prompts")
-    if not any(files) and not args.forget:
-        raise FileNotFoundError("pass --forget DOMAIN (an organism pair) or the four benchmark files (--forget-mcq "
-                                "--retain-mcq --forget-prompts --retain-prompts)")
-    log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
-    kw = {"dtype": args.dtype}
-    kw.update({"device_map": args.device_map} if args.device_map else {"device": args.device})
-    if all(files):
-        from mechun.data import load_mcq
-        from mechun.depth import mcq_depth_card
-
-        forget_mcq = load_mcq(args.forget_mcq, style=args.mcq_style)
-        retain_mcq = load_mcq(args.retain_mcq, style=args.mcq_style)
-        read = lambda f: [x.strip() for x in Path(f).read_text().splitlines() if x.strip()]  # noqa: E731
-        base, unlearned = load_model(args.base, **kw), load_model(args.unlearned, **kw)
-        card = mcq_depth_card(base, unlearned, forget_mcq, retain_mcq, read(args.forget_prompts),
-                              read(args.retain_prompts), method=args.method or Path(args.unlearned).name,
-                              config=DepthConfig(seed=args.seed, junk_layer=args.layer), log=log)
-        card["models"] = {"base": str(args.base), "unlearned": str(args.unlearned)}
-        write_card(card, out)
-        print(json.dumps({"out": str(out), "verdict": card["verdict"]["line"]}))
-        return 0
     world = World.load(args.world or args.base)
-    base = load_model(args.base, **kw)
-    unlearned = load_model(args.unlearned, **kw)
+    base = load_model(args.base, **_load_kwargs(args))
+    unlearned = load_model(args.unlearned, **_load_kwargs(args))
     steering = None
     if (Path(args.unlearned) / "rmu.json").is_file():
         steering = load_steering(args.unlearned).get(args.forget)
+    return depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
+                      relearn_copy=lambda: load_model(args.unlearned, **_load_kwargs(args)), steering=steering,
+                      config=replace(cfg, relearn_steps=tuple(args.relearn_steps)), log=log)
+
+
+def _cmd_depth(args: argparse.Namespace) -> int:
+    from mechun.depth import write_card
+
+    _fresh_out(args.out)
+    log = None if args.no_progress else (lambda m: print(m, file=sys.stderr))
     cfg = DepthConfig(seed=args.seed, junk_layer=args.layer)
-    if args.relearn_steps:
-        try:
-            steps = tuple(int(x) for x in args.relearn_steps.split(","))
-        except ValueError:
-            steps = (-1,)
-        cfg = replace(cfg, relearn_steps=steps)
-    card = depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
-                      relearn_copy=lambda: load_model(args.unlearned, **kw), steering=steering,
-                      config=cfg, log=log)
-    card["models"] = {"base": str(args.base), "unlearned": str(args.unlearned)}
-    write_card(card, out)
-    print(json.dumps({"out": str(out), "verdict": card["verdict"]["line"]}))
+    make = _depth_benchmark_card if args.forget_mcq else _depth_organism_card
+    card = make(args, cfg, log)
+    card.models = {"base": str(args.base), "unlearned": str(args.unlearned)}
+    write_card(card, Path(args.out))
+    print(json.dumps({"out": str(args.out), "verdict": card.verdict.line if card.verdict else None}))
     return 0
 
 
-def _cmd_reproduce(args) -> int:
+# -- reproduce -------------------------------------------------------------------------------------------------------
+_ANALYSIS_HELP = {
+    "rmu-shallow": "RMU junk-direction diagnosis and recovery (the main job)",
+    "localized-editing": "localize fact recall and unlearn with masked fine-tuning",
+    "sae-unlearning": "SAE feature clamping vs zero-ablation vs RMU",
+    "depth": "depth cards for RMU and localized fine-tuning over 3 seeds",
+    "edit-specificity": "CounterFact+ static vs dynamic neighbourhood scores of localized edits",
+    "restore": "corrupt-then-unlearn (RESTOR), does unlearning restore the true facts?",
+    "organism": "train the small organism and evaluate it",
+}
+
+
+def _add_reproduce(sub: Subparsers) -> None:
+    p = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
+    described = "; ".join(f"{name}: {_ANALYSIS_HELP.get(name, f'analyses/{script}.py')}"
+                          for name, script in ANALYSES.items())
+    p.add_argument("analysis", choices=list(ANALYSES), help=described)
+    _out_option(p, "output directory")
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
+    _seed_option(p)
+    _command(p, _cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
     from mechun.reproduce import reproduce
 
     out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed)
@@ -296,170 +702,22 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
-def _job_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
-    """--seed, --world, --device, --out (and --no-progress): shared by the commands that run a job on a model."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world", help="world.json (default: the one in --model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True)
-    if progress:
-        p.add_argument("--no-progress", action="store_true")
-
-
-def build_parser() -> argparse.ArgumentParser:
+# -- entry point -----------------------------------------------------------------------------------------------------
+def build_parser() -> Parser:
     p = argparse.ArgumentParser(prog="mechun", description="Mechanistic study of unlearning and editing in LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    org = sub.add_parser("organism", help="train a model organism on a synthetic knowledge world")
-    org_sub = org.add_subparsers(dest="organism_command", required=True)
-    tr = org_sub.add_parser("train", help="train and save an organism checkpoint dir (config, weights, world.json)")
-    tr.add_argument("--preset", choices=["tiny", "small"], default="small",
-                    help="tiny: seconds, for tests; small: about a minute, the main job")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", required=True, help="new checkpoint directory")
-    tr.add_argument("--no-progress", action="store_true")
-    tr.set_defaults(func=_cmd_organism_train)
-
-    ev = sub.add_parser("eval", help="accuracy per domain and format (train templates, paraphrases, MCQ)")
-    ev.add_argument("--model", required=True, help="organism checkpoint dir")
-    ev.add_argument("--world", help="world.json (default: the one in --model)")
-    ev.add_argument("--domains", help="comma-separated domains (default: all)")
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.set_defaults(func=_cmd_eval)
-
-    ca = sub.add_parser("cache", help="cache residual streams of prompts (one per line) to a safetensors file")
-    ca.add_argument("--model", required=True)
-    ca.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    ca.add_argument("--layers", help="comma-separated layers (default: all)")
-    ca.add_argument("--positions", default="last", choices=["last", "all"])
-    ca.add_argument("--hook", default="resid_post", choices=["resid_pre", "resid_mid", "resid_post", "mlp_out",
-                                                            "attn_out"])
-    ca.add_argument("--batch-size", type=int, default=32)
-    ca.add_argument("--device", default=None)
-    ca.add_argument("--out", required=True)
-    ca.add_argument("--no-progress", action="store_true")
-    ca.set_defaults(func=_cmd_cache)
-
-    rm = sub.add_parser("rmu", help="unlearn a forget domain with RMU; saves an HF checkpoint dir with rmu.json")
-    rm.add_argument("--model", required=True, help="base organism checkpoint dir")
-    rm.add_argument("--forget", required=True, help="forget domain(s), comma-separated (e.g. pathogen)")
-    rm.add_argument("--layer", type=int, default=None, help="RMU layer l (default n_layers//2); updates l-2..l")
-    rm.add_argument("--steering-coeff", type=float, default=None,
-                    help="c; default 6x the base model's mean forget-token norm at the layer")
-    rm.add_argument("--alpha", type=float, default=100.0)
-    rm.add_argument("--lr", type=float, default=1e-3)
-    rm.add_argument("--steps", type=int, default=200)
-    rm.add_argument("--batch-size", type=int, default=16)
-    _job_args(rm)
-    rm.set_defaults(func=_cmd_rmu)
-
-    jk = sub.add_parser("junk", help="junk-direction diagnosis and recovery for a (base, unlearned) pair")
-    jk.add_argument("--base", required=True)
-    jk.add_argument("--unlearned", required=True)
-    jk.add_argument("--forget", default=None, help="forget domain (default: from rmu.json)")
-    jk.add_argument("--layer", type=int, default=None, help="layer of the direction (default: rmu.json's)")
-    jk.add_argument("--forget-prompts", help="any models: forget-domain prompts, one per line (diagnosis only)")
-    jk.add_argument("--retain-prompts", help="any models: retain prompts, one per line")
-    jk.add_argument("--device", default=None)
-    jk.add_argument("--device-map", default=None, help='e.g. "auto" to spread a 7B model over several GPUs')
-    jk.add_argument("--dtype", default=None, help="e.g. bfloat16")
-    jk.add_argument("--out", required=True)
-    jk.set_defaults(func=_cmd_junk)
-
-    lo = sub.add_parser("localize", help="where is a fact recalled? patching, attribution, causal tracing, probes")
-    lo.add_argument("--model", required=True)
-    lo.add_argument("--method", required=True,
-                    choices=["causal-tracing", "activation-patching", "attribution-patching", "probing"])
-    lo.add_argument("--clean", help="patching: the clean prompt")
-    lo.add_argument("--corrupt", help="patching: the corrupt prompt (same number of tokens)")
-    lo.add_argument("--answer", help="the clean answer (one token)")
-    lo.add_argument("--wrong", help="patching: the corrupt prompt's answer; metric = logit(answer) - logit(wrong)")
-    lo.add_argument("--hook", default="resid_pre", choices=["resid_pre", "resid_post", "resid_mid", "mlp_out",
-                                                            "attn_out"])
-    lo.add_argument("--prompt", help="causal tracing: the prompt")
-    lo.add_argument("--subject", help="causal tracing: the subject whose tokens are corrupted")
-    lo.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn"])
-    lo.add_argument("--samples", type=int, default=10)
-    lo.add_argument("--relation", help="probing: an organism relation (e.g. sport)")
-    lo.add_argument("--world", help="probing: world.json (default: the one in --model)")
-    lo.add_argument("--seed", type=int, default=0)
-    lo.add_argument("--device", default=None)
-    lo.add_argument("--out", help="write the JSON here too")
-    lo.set_defaults(func=_cmd_localize)
-
-    ed = sub.add_parser("edit", help="unlearn or edit organism facts by fine-tuning only chosen components")
-    ed.add_argument("--model", required=True)
-    ed.add_argument("--relation", required=True, help="e.g. sport")
-    ed.add_argument("--subjects", required=True, help="subjects, separated by ';'")
-    ed.add_argument("--mode", choices=["unlearn", "edit"], default="unlearn")
-    ed.add_argument("--new-answer", help="edit: the new attribute")
-    ed.add_argument("--components", default="mlp:1", help="e.g. mlp:1,attn:2, or 'all' (nonlocalized)")
-    ed.add_argument("--steps", type=int, default=100)
-    ed.add_argument("--lr", type=float, default=1e-3)
-    _job_args(ed)
-    ed.set_defaults(func=_cmd_edit)
-
-    sae = sub.add_parser("sae", help="sparse autoencoders: train one with sae-lens, unlearn by feature clamping")
-    sae_sub = sae.add_subparsers(dest="sae_command", required=True)
-    st = sae_sub.add_parser("train", help="train an SAE on blocks.{layer}.hook_resid_post (offline) and save it")
-    st.add_argument("--model", required=True)
-    st.add_argument("--layer", type=int, required=True)
-    st.add_argument("--architecture", choices=["standard", "topk"], default="standard")
-    st.add_argument("--d-sae", type=int, default=512)
-    st.add_argument("--k", type=int, default=16, help="topk: active features per token")
-    st.add_argument("--tokens", type=int, default=80_000, help="training tokens")
-    _job_args(st, progress=False)
-    st.set_defaults(func=_cmd_sae_train)
-    su = sae_sub.add_parser("unlearn", help="select forget features (SAEBench rule) and measure the intervention")
-    su.add_argument("--model", required=True)
-    su.add_argument("--sae", required=True, help="SAE dir written by `mechun sae train` (or any sae-lens dir)")
-    su.add_argument("--forget", required=True, help="forget domain, e.g. pathogen")
-    su.add_argument("--threshold", type=float, default=0.01, help="max activation frequency on retain text")
-    su.add_argument("--n", type=int, default=10, help="number of features")
-    su.add_argument("--mode", choices=["clamp", "scale", "zero"], default="clamp")
-    su.add_argument("--value", type=float, default=50.0, help="clamp: -m; scale: -k")
-    su.add_argument("--world", help="world.json (default: the one in --model)")
-    su.add_argument("--device", default=None)
-    su.set_defaults(func=_cmd_sae_unlearn)
-
-    de = sub.add_parser("depth", help="unlearning depth card for a (base, unlearned) pair: removed or hidden?")
-    de.add_argument("--base", required=True, help="base checkpoint dir (an organism: its world.json is used)")
-    de.add_argument("--unlearned", required=True, help="unlearned checkpoint dir, made by any method")
-    de.add_argument("--forget", help="organism pair: the forgotten domain, e.g. pathogen")
-    de.add_argument("--forget-mcq", help="benchmark mode (any checkpoints): forget MCQ file, e.g. WMDP-Bio .jsonl")
-    de.add_argument("--retain-mcq", help="benchmark mode: retain MCQ file, e.g. MMLU .parquet")
-    de.add_argument("--forget-prompts", help="benchmark mode: forget-domain text, one prompt per line")
-    de.add_argument("--retain-prompts", help="benchmark mode: retain text, one prompt per line")
-    de.add_argument("--mcq-style", default="mmlu", choices=["mmlu", "organism"], help="how questions are rendered")
-    de.add_argument("--device-map", default=None, help='e.g. "auto" to spread a 7B model over several GPUs')
-    de.add_argument("--dtype", default=None, help="e.g. bfloat16")
-    de.add_argument("--method", help="label for the report (default: the unlearned dir's name)")
-    de.add_argument("--layer", type=int, default=None,
-                    help="layer of the junk direction (default: where the forget norm ratio peaks)")
-    de.add_argument("--relearn-steps", help="comma-separated relearning checkpoints (default 0,5,10,20,40)")
-    _job_args(de)
-    de.set_defaults(func=_cmd_depth)
-
-    rp = sub.add_parser("reproduce", help="run a whole analysis; writes DIR/results.json and DIR/report.html")
-    rp.add_argument("analysis", choices=["rmu-shallow", "depth", "edit-specificity", "restore", "localized-editing",
-                                         "sae-unlearning", "organism"],
-                    help="rmu-shallow: RMU junk-direction diagnosis and recovery (the main job); "
-                         "localized-editing: localize fact recall and unlearn with masked fine-tuning; "
-                         "sae-unlearning: SAE feature clamping vs zero-ablation vs RMU; "
-                         "depth: depth cards for RMU and localized fine-tuning over 3 seeds; "
-                         "edit-specificity: CounterFact+ static vs dynamic neighbourhood scores of localized edits; "
-                         "restore: corrupt-then-unlearn (RESTOR), does unlearning restore the true facts? "
-                         "organism: train the small organism and evaluate it")
-    rp.add_argument("--out", required=True)
-    rp.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
-    rp.add_argument("--seed", type=int, default=0)
-    rp.set_defaults(func=_cmd_reproduce)
+    for add in (_add_organism, _add_eval, _add_cache, _add_rmu, _add_junk, _add_localize, _add_edit, _add_sae,
+                _add_depth, _add_reproduce):
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse (usage errors exit 2 here, before any work), then run the command; a runtime error prints
+    ``mechun: error: ...`` and returns 2."""
     args = build_parser().parse_args(argv)
+    if args.check is not None:
+        args.check(args.parser, args)
     _quiet_transformers()
     from mechun.errors import MechunError
 

@@ -10,6 +10,8 @@ Three formats, each in the schema its public release uses, so a downloaded copy 
 * **Sports facts** (:func:`load_sports_facts`): the athlete -> sport CSV of the fact-finding and localized-unlearning
   work (Nanda et al. 2023, "Fact Finding"; Guo et al. 2024).
 
+Plain prompt files (:func:`read_prompts`), one prompt per line, feed caching and junk-direction diagnosis.
+
 Every loader reads the whole file and validates *every* record before returning anything: one bad record raises
 :class:`DataError` naming the file, the record (1-based line for JSONL and CSV, counting a CSV header as line 1;
 0-based ``record N`` for JSON arrays and parquet rows), the field and what was expected. An evaluation run on a
@@ -32,7 +34,7 @@ from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES
 
 __all__ = [
     "CounterFactRecord", "DataError", "DataFileNotFoundError", "SportsFact", "load_counterfact", "load_mcq",
-    "load_sports_facts", "sports_prompts", "write_jsonl",
+    "load_sports_facts", "read_prompts", "sports_prompts", "write_jsonl",
 ]
 
 
@@ -45,13 +47,18 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
-def _check_path(path: str | Path, formats: Mapping[str, str]) -> Path:
-    """Fail on a missing file or an extension the loader cannot read, before any parsing is attempted."""
+def _existing_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise DataFileNotFoundError(f"no file at {p}; check the path (relative paths are from {Path.cwd()})")
     if not p.is_file():
         raise DataError(f"{p} is not a regular file; pass the path of the data file itself")
+    return p
+
+
+def _check_path(path: str | Path, formats: Mapping[str, str]) -> Path:
+    """Fail on a missing file or an extension the loader cannot read, before any parsing is attempted."""
+    p = _existing_file(path)
     if p.suffix.lower() not in formats:
         known = ", ".join(f"{ext} ({what})" for ext, what in formats.items())
         raise DataError(f"{p}: unknown extension {p.suffix or '(none)'!r}; expected one of {known}")
@@ -371,6 +378,18 @@ def sports_prompts(facts: Iterable[SportsFact]) -> tuple[list[str], list[str]]:
     """``(prompts, answers)`` for :func:`mechun.evaluate.answer_correct`, which puts the space between them."""
     facts = list(facts)
     return [f.prompt for f in facts], [f.sport for f in facts]
+
+
+# -- prompt files ----------------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per non-empty line, stripped, in file order (any extension).
+
+    Raises :class:`DataFileNotFoundError` for a missing file and :class:`DataError` for a file with no prompts."""
+    p = _existing_file(path)
+    prompts = [line.strip() for line in _read_text(p).splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{p}: no prompts (the file is empty or blank); expected one prompt per line")
+    return prompts
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
