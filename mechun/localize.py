@@ -12,10 +12,14 @@ layer x position sweep costs a handful of forwards. The numbers are the same (te
 corrupt run, dotted with (clean - corrupt) activations. One forward on each input and one backward. It can mislead
 where the metric is far from linear in the activation (saturated softmax, attention patterns).
 
-**Causal tracing** (ROME, Meng et al. 2022) corrupts the *subject* tokens' embeddings with Gaussian noise (3x the
-embedding standard deviation), then restores the clean hidden state at one (layer, token): the indirect effect is
-p(answer | restored) - p(answer | corrupted), averaged over noise samples. Restoring MLP or attention outputs uses a
-window of k layers around the layer, as in ROME. Like every patching method it measures where information *can be
+**Causal tracing** (ROME, Meng et al. 2022) corrupts the *subject* tokens' embeddings with Gaussian noise, then
+restores the clean hidden state at one (layer, token): the indirect effect is p(answer | restored) - p(answer |
+corrupted), averaged over noise samples. Restoring MLP or attention outputs uses a window of k layers around the
+layer, as in ROME. The noise scale follows ROME's rule by default: sigma = 3 x the standard deviation of the
+embeddings of subject tokens, pooled over a *set* of subjects (ROME pooled the subjects of its known-facts dataset;
+:func:`subject_embedding_std`). The scale matters: too little noise leaves the fact recallable, too much pushes
+activations off-distribution. ``noise_rule="embedding"`` (3 x the std of the whole embedding matrix) is the older,
+cruder choice, kept for comparison. Like every patching method it measures where information *can be
 moved*, which is not always where it is stored -- the fact-lookup vs output-tracing distinction of Guo et al.
 (2024).
 
@@ -24,9 +28,10 @@ Nothing here changes weights; every hook is removed on exit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -35,15 +40,39 @@ from torch import Tensor
 from mechun.cache import cache_residuals
 from mechun.errors import MechunError
 from mechun.hooks import hooks
-from mechun.models import check_layer, hook_name, model_device, n_layers, tokenize
+from mechun.models import (
+    HOOK_KINDS,
+    HookKind,
+    Model,
+    check_layer,
+    hook_name,
+    model_device,
+    n_layers,
+    tokenize,
+)
 
-Metric = Callable[[Tensor], Tensor]  # logits "batch pos vocab" -> "batch"
-PATCH_HOOKS = ("resid_pre", "resid_post", "resid_mid", "mlp_out", "attn_out")
+#: A metric maps logits to one number per batch row (e.g. a logit difference at the last position).
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
+#: A prompt as text, or its token ids (``pos`` or ``1 pos``, with the tokenizer's special tokens).
+PromptLike = str | Int[Tensor, " pos"] | Int[Tensor, "1 pos"]
+#: The hooks activation and attribution patching can patch: every short hook kind of :mod:`mechun.models`.
+PATCH_HOOKS: tuple[HookKind, ...] = HOOK_KINDS
+
+#: What causal tracing restores: the block output ("resid"), or the MLP or attention output over a window of layers.
+TraceKind = Literal["resid", "mlp", "attn"]
+TRACE_KINDS: tuple[TraceKind, ...] = get_args(TraceKind)
+_TRACE_HOOKS: dict[TraceKind, HookKind] = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+#: How causal tracing scales its noise: by the subject tokens' embedding std (ROME) or the whole matrix's.
+NoiseRule = Literal["subjects", "embedding"]
+NOISE_RULES: tuple[NoiseRule, ...] = get_args(NoiseRule)
 
 
 @dataclass
 class PatchingResult:
-    """``scores[layer, position]``: the metric with that activation patched in (or the effect, for tracing)."""
+    """``scores[layer, position]``: the metric with that activation patched in (or the effect, for tracing).
+
+    ``sigma`` is the standard deviation of the noise causal tracing added to the subject embeddings (``None`` for
+    the other methods), so a saved result says which noise it was measured under."""
 
     scores: Float[Tensor, "layer pos"]
     hook: str
@@ -51,8 +80,9 @@ class PatchingResult:
     clean_metric: float
     corrupt_metric: float
     layers: list[int]
+    sigma: float | None = None
 
-    def normalized(self) -> Tensor:
+    def normalized(self) -> Float[Tensor, "layer pos"]:
         """0 = as corrupt, 1 = as clean."""
         return (self.scores - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
 
@@ -62,11 +92,12 @@ class PatchingResult:
         return self.layers[layer], pos, float(self.scores.flatten()[flat])
 
     def to_json(self) -> dict:
-        return {"hook": self.hook, "tokens": self.tokens, "layers": self.layers, "scores": self.scores.tolist(),
-                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
+        out = {"hook": self.hook, "tokens": self.tokens, "layers": self.layers, "scores": self.scores.tolist(),
+               "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
+        return out if self.sigma is None else {**out, "sigma": self.sigma}
 
 
-def logit_diff_metric(model: Any, answer: str, wrong: str) -> Metric:
+def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
     """logit(answer) - logit(wrong) at the last position, for single-token words (after a space)."""
     ids = []
     for word in (answer, wrong):
@@ -76,23 +107,23 @@ def logit_diff_metric(model: Any, answer: str, wrong: str) -> Metric:
         ids.append(toks[0])
     a, w = ids
 
-    def metric(logits: Tensor) -> Tensor:
+    def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1, a] - logits[:, -1, w]
 
     return metric
 
 
-def answer_prob_metric(model: Any, answer: str) -> Metric:
+def answer_prob_metric(model: Model, answer: str) -> Metric:
     """p(first token of answer) at the last position."""
     tok = model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
 
-    def metric(logits: Tensor) -> Tensor:
+    def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().softmax(-1)[:, tok]
 
     return metric
 
 
-def _tokens(model: Any, text_or_ids: str | Tensor) -> Int[Tensor, "1 pos"]:
+def _tokens(model: Model, text_or_ids: PromptLike) -> Int[Tensor, "1 pos"]:
     if isinstance(text_or_ids, Tensor):
         ids = text_or_ids if text_or_ids.ndim == 2 else text_or_ids[None]
         if ids.shape[0] != 1:
@@ -101,28 +132,33 @@ def _tokens(model: Any, text_or_ids: str | Tensor) -> Int[Tensor, "1 pos"]:
     return tokenize(model, [text_or_ids])[0]
 
 
-def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
+def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     return list(range(n_layers(model))) if layers is None else [check_layer(model, x) for x in layers]
 
 
+def _check_hook(hook: str) -> None:
+    """The check users outside pytest get (under pytest the runtime type checker rejects a bad kind first)."""
+    if hook not in PATCH_HOOKS:
+        raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {hook!r}")
+
+
 @torch.inference_mode()
-def _run_metric(model: Any, ids: Tensor, metric: Metric) -> Tensor:
+def _run_metric(model: Model, ids: Int[Tensor, "batch pos"], metric: Metric) -> Float[Tensor, " batch"]:
     return metric(model(ids.to(model_device(model)))).float().cpu()
 
 
 @torch.inference_mode()
 def activation_patching(
-    model: Any,
-    clean: str | Tensor,
-    corrupt: str | Tensor,
+    model: Model,
+    clean: PromptLike,
+    corrupt: PromptLike,
     metric: Metric,
-    hook: str = "resid_pre",
+    hook: HookKind = "resid_pre",
     layers: Sequence[int] | None = None,
     batch_size: int = 64,
 ) -> PatchingResult:
     """Patch each (layer, position) activation of ``hook`` from the clean into the corrupt run, many per forward."""
-    if hook not in PATCH_HOOKS:
-        raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {hook!r}")
+    _check_hook(hook)
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
@@ -157,12 +193,12 @@ def activation_patching(
 
 
 def attribution_patching(
-    model: Any,
-    clean: str | Tensor,
-    corrupt: str | Tensor,
+    model: Model,
+    clean: PromptLike,
+    corrupt: PromptLike,
     metric: Metric,
-    hooks_: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
-) -> dict[str, PatchingResult]:
+    hooks_: Sequence[HookKind] = ("resid_pre", "attn_out", "mlp_out"),
+) -> dict[HookKind, PatchingResult]:
     """First-order estimate of every patch at once: grad(metric on corrupt) . (clean - corrupt), per layer x pos.
 
     ``scores`` hold the *estimated change* of the metric (not the patched metric itself)."""
@@ -170,8 +206,7 @@ def attribution_patching(
     if ids_c.shape != ids_x.shape:
         raise MechunError("clean and corrupt prompts must have the same number of tokens")
     for h in hooks_:
-        if h not in PATCH_HOOKS:
-            raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {h!r}")
+        _check_hook(h)
     L = n_layers(model)
     clean_acts = {h: cache_residuals(model, ids_c, positions="all", hook=h, progress=False,
                                      store_device=model_device(model)).acts[:, 0] for h in hooks_}
@@ -199,100 +234,186 @@ def attribution_patching(
     return result
 
 
-def subject_positions(model: Any, prompt: str, subject: str) -> list[int]:
+# ---------------------------------------------------------------------------------------------------------------
+# Causal tracing
+# ---------------------------------------------------------------------------------------------------------------
+def _subject_ids(model: Model, subject: str, at_start: bool) -> list[int]:
+    """The token ids of ``subject`` as it appears inside a prompt: after a space, unless the prompt starts with it
+    (matters for GPT-2-style BPE). No special tokens (BOS)."""
+    return model.tokenizer(subject if at_start else " " + subject, add_special_tokens=False)["input_ids"]
+
+
+def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
     """Token positions of ``subject`` inside ``prompt`` (its last occurrence)."""
     ids = tokenize(model, [prompt])[0][0].tolist()
-    sub = model.tokenizer(subject if prompt.startswith(subject) else " " + subject,
-                          add_special_tokens=False)["input_ids"]
+    sub = _subject_ids(model, subject, at_start=prompt.startswith(subject))
     for start in range(len(ids) - len(sub), -1, -1):
         if ids[start:start + len(sub)] == sub:
             return list(range(start, start + len(sub)))
     raise MechunError(f"subject {subject!r} not found in the tokens of {prompt!r}")
 
 
+def _embedding_weight(model: Model) -> Float[Tensor, "vocab d_model"]:
+    """The input embedding matrix, whose rows are what ``embed.hook_out`` emits (where tracing adds its noise)."""
+    embed = model.embed
+    return embed._original_component.weight if hasattr(embed, "_original_component") else model.W_E
+
+
+def subject_embedding_std(model: Model, subjects: Sequence[str]) -> float:
+    """ROME's noise unit: the standard deviation of all elements of the input embeddings of the subjects' tokens,
+    pooled over every distinct subject (``n_tokens x d_model`` values).
+
+    Each subject is tokenized as it usually appears inside a prompt, after a space (the BPE tokens GPT-2 sees
+    mid-sentence; ROME tokenized the bare subject), without special tokens, so BOS never counts. ROME pooled the
+    subjects of its whole known-facts dataset; pass the subjects of your dataset (for the organism,
+    ``list(world.subjects)``)."""
+    if isinstance(subjects, str):
+        raise MechunError(f"pass a list of subjects, not one string ({subjects!r} would be read letter by letter)")
+    distinct = list(dict.fromkeys(subjects))
+    if not distinct:
+        raise MechunError("pass at least one subject to compute the subject-token embedding std")
+    ids = [i for s in distinct for i in _subject_ids(model, s, at_start=False)]
+    if not ids:
+        raise MechunError(f"the subjects {distinct[:3]} tokenize to no tokens; pass subject names")
+    weight = _embedding_weight(model)
+    return float(weight[torch.tensor(ids, device=weight.device)].detach().float().std())
+
+
+def trace_noise_sigma(model: Model, noise: float = 3.0, rule: NoiseRule = "subjects",
+                      subjects: Sequence[str] | None = None) -> float:
+    """The standard deviation of the noise causal tracing adds to each subject-token embedding element.
+
+    ``rule="subjects"`` (ROME): ``noise x subject_embedding_std(model, subjects)``; ``rule="embedding"``:
+    ``noise x`` the std of the whole embedding matrix (special and unused tokens included). Compute it once and pass
+    it to :func:`causal_trace` as ``sigma=`` when tracing many prompts."""
+    if rule not in NOISE_RULES:
+        raise MechunError(f"noise_rule must be one of {NOISE_RULES}, got {rule!r}")
+    if not math.isfinite(noise) or noise < 0:
+        raise MechunError(f"noise must be a finite number >= 0 (ROME uses 3.0), got {noise}")
+    if rule == "embedding":
+        if subjects is not None:
+            raise MechunError("subjects set the noise only under noise_rule='subjects'; drop them or switch rule")
+        return noise * float(_embedding_weight(model).detach().float().std())
+    if subjects is None:
+        raise MechunError("noise_rule='subjects' needs the subjects to pool (ROME: all subjects of the dataset)")
+    return noise * subject_embedding_std(model, subjects)
+
+
+def _noise_hook(eps: Float[Tensor, "samples subj d_model"], subj: list[int], n_copies: int
+                ) -> Callable[[Tensor], Tensor]:
+    """Add ``eps`` to the subject positions of the embeddings of ``n_copies`` x samples rows."""
+    def fn(act: Tensor) -> Tensor:
+        act = act.clone()
+        act[:, subj] += eps.to(act.device, act.dtype).repeat(n_copies, 1, 1)
+        return act
+    return fn
+
+
+def _restore_hook(clean_layer: Float[Tensor, "pos d_model"], rows: Int[Tensor, " n"], pos: Int[Tensor, " n"]
+                  ) -> Callable[[Tensor], Tensor]:
+    """Write the clean activation back at (row, position) pairs."""
+    def fn(act: Tensor) -> Tensor:
+        act = act.clone()
+        act[rows, pos] = clean_layer[pos].to(act.dtype)
+        return act
+    return fn
+
+
+def _restored_probs(model: Model, ids: Int[Tensor, "1 pos"], prob: Metric, kind: TraceKind,
+                    clean: Float[Tensor, "layer pos d_model"], eps: Float[Tensor, "samples subj d_model"],
+                    subj: list[int], window: int, batch_size: int) -> Float[Tensor, "layer pos"]:
+    """p(answer) under noise with each (layer, position) restored, averaged over the noise samples."""
+    L, P, dev, samples = n_layers(model), ids.shape[1], model_device(model), eps.shape[0]
+    configs = [(layer, pos) for layer in range(L) for pos in range(P)]
+    per_fwd = max(1, batch_size // samples)
+    out = torch.empty(len(configs))
+    for start in range(0, len(configs), per_fwd):
+        chunk = configs[start:start + per_fwd]
+        restore: dict[int, list[tuple[int, int]]] = {}  # layer -> [(copy, pos)]
+        for c, (layer, pos) in enumerate(chunk):
+            lo = layer - window // 2
+            for lay in [layer] if kind == "resid" else range(max(0, lo), min(L, lo + window)):
+                restore.setdefault(lay, []).append((c, pos))
+        fwd = [("embed.hook_out", _noise_hook(eps, subj, len(chunk)))]
+        for lay, pairs in restore.items():
+            copies = torch.tensor([c for c, _ in pairs], device=dev)
+            pos = torch.tensor([p for _, p in pairs], device=dev)
+            rows = (copies[:, None] * samples + torch.arange(samples, device=dev)[None]).reshape(-1)
+            pos_rows = pos[:, None].expand(-1, samples).reshape(-1)
+            fwd.append((hook_name(model, _TRACE_HOOKS[kind], lay), _restore_hook(clean[lay], rows, pos_rows)))
+        with hooks(model, fwd):
+            p = prob(model(ids.expand(len(chunk) * samples, -1).to(dev))).float().cpu()
+        out[start:start + len(chunk)] = p.reshape(len(chunk), samples).mean(1)
+    return out.reshape(L, P)
+
+
 @torch.inference_mode()
 def causal_trace(
-    model: Any,
+    model: Model,
     prompt: str,
     answer: str,
     subject: str,
-    kind: str = "resid",
+    kind: TraceKind = "resid",
     noise: float = 3.0,
     samples: int = 10,
     window: int = 3,
     seed: int = 0,
     batch_size: int = 128,
+    *,
+    noise_rule: NoiseRule = "subjects",
+    subjects: Sequence[str] | None = None,
+    sigma: float | None = None,
 ) -> PatchingResult:
     """ROME causal tracing. ``kind``: "resid" (restore the block output), "mlp" or "attn" (restore that sublayer's
     output at ``window`` layers centred on each layer). ``scores`` are indirect effects; ``clean_metric`` and
-    ``corrupt_metric`` are p(answer) clean and with the subject corrupted."""
-    hook_kind = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}.get(kind)
-    if hook_kind is None:
-        raise MechunError(f"kind must be 'resid', 'mlp' or 'attn', got {kind!r}")
+    ``corrupt_metric`` are p(answer) clean and with the subject corrupted.
+
+    The noise has std ``sigma`` (recorded on the result); by default :func:`trace_noise_sigma` with ``noise`` and
+    ``noise_rule``, pooling ``subjects``. Without ``subjects`` the rule pools only this prompt's subject, a noisy
+    estimate: pass your dataset's subjects (ROME pooled all of its known facts'), or a precomputed ``sigma``."""
+    if kind not in TRACE_KINDS:
+        raise MechunError(f"kind must be one of {TRACE_KINDS}, got {kind!r}")
     if samples < 1 or window < 1:
         raise MechunError("samples and window must be >= 1")
+    if sigma is None:
+        pool = subjects if subjects is not None or noise_rule == "embedding" else [subject]
+        sigma = trace_noise_sigma(model, noise, noise_rule, pool)
+    elif subjects is not None:
+        raise MechunError("pass either sigma (precomputed) or subjects (to compute it from), not both")
+    elif not math.isfinite(sigma) or sigma < 0:
+        raise MechunError(f"sigma must be a finite number >= 0, got {sigma}")
     ids = _tokens(model, prompt)
     subj = subject_positions(model, prompt, subject)
-    L, P, dev = n_layers(model), ids.shape[1], model_device(model)
+    dev = model_device(model)
     prob = answer_prob_metric(model, answer)
-    emb = model.embed._original_component.weight if hasattr(model.embed, "_original_component") else model.W_E
-    sigma = noise * float(emb.float().std())
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(samples, len(subj), emb.shape[1], generator=gen) * sigma
-    clean = cache_residuals(model, ids, positions="all", hook=hook_kind, progress=False, store_device=dev).acts[:, 0]
-
-    def corrupt_fn(n_copies: int):
-        def fn(act: Tensor) -> Tensor:
-            act = act.clone()
-            noise_rows = eps.to(act.device, act.dtype).repeat(n_copies, 1, 1)
-            act[:, subj] += noise_rows
-            return act
-        return fn
-
-    with hooks(model, [("embed.hook_out", corrupt_fn(1))]):
+    eps = torch.randn(samples, len(subj), int(model.cfg.d_model), generator=gen) * sigma
+    clean = cache_residuals(model, ids, positions="all", hook=_TRACE_HOOKS[kind], progress=False,
+                            store_device=dev).acts[:, 0]
+    with hooks(model, [("embed.hook_out", _noise_hook(eps, subj, 1))]):
         p_corrupt = float(prob(model(ids.expand(samples, -1).to(dev))).mean())
     p_clean = float(prob(model(ids.to(dev)))[0])
-    configs = [(layer, pos) for layer in range(L) for pos in range(P)]
-    per_fwd = max(1, batch_size // samples)
-    effects = torch.empty(len(configs))
-    for start in range(0, len(configs), per_fwd):
-        chunk = configs[start:start + per_fwd]
-        restore: dict[int, list[tuple[int, int]]] = {}  # layer -> [(copy, pos)]
-        for c, (layer, pos) in enumerate(chunk):
-            span = [layer] if kind == "resid" else range(max(0, layer - window // 2), min(L, layer - window // 2 + window))
-            for lay in span:
-                restore.setdefault(lay, []).append((c, pos))
-
-        def make(lay: int, restore=restore):
-            copies = torch.tensor([c for c, _ in restore[lay]], device=dev)
-            pos = torch.tensor([p for _, p in restore[lay]], device=dev)
-            rows = (copies[:, None] * samples + torch.arange(samples, device=dev)[None]).reshape(-1)
-            pos_rows = pos[:, None].expand(-1, samples).reshape(-1)
-
-            def fn(act: Tensor) -> Tensor:
-                act = act.clone()
-                act[rows, pos_rows] = clean[lay, pos_rows].to(act.dtype)
-                return act
-            return fn
-
-        fwd = [("embed.hook_out", corrupt_fn(len(chunk)))] + [(hook_name(model, hook_kind, lay), make(lay))
-                                                             for lay in restore]
-        with hooks(model, fwd):
-            p = prob(model(ids.expand(len(chunk) * samples, -1).to(dev))).float().cpu()
-        effects[start:start + len(chunk)] = p.reshape(len(chunk), samples).mean(1) - p_corrupt
-    return PatchingResult(effects.reshape(L, P), f"causal_trace/{kind}", model.tokenizer.convert_ids_to_tokens(ids[0]),
-                          p_clean, p_corrupt, list(range(L)))
+    effects = _restored_probs(model, ids, prob, kind, clean, eps, subj, window, batch_size) - p_corrupt
+    return PatchingResult(effects, f"causal_trace/{kind}", model.tokenizer.convert_ids_to_tokens(ids[0]),
+                          p_clean, p_corrupt, list(range(n_layers(model))), sigma)
 
 
-def mlp_trace_scores(model: Any, items: Sequence[tuple[str, str, str]], samples: int = 5, seed: int = 0
-                     ) -> list[float]:
+def mlp_trace_scores(model: Model, items: Sequence[tuple[str, str, str]], samples: int = 5, seed: int = 0, *,
+                     subjects: Sequence[str] | None = None, noise: float = 3.0,
+                     noise_rule: NoiseRule = "subjects") -> list[float]:
     """Per-layer MLP indirect effect at the subject's last token (:func:`causal_trace` with ``kind="mlp"``),
-    averaged over ``(prompt, answer, subject)`` items: the ROME-style score for choosing which MLPs to edit."""
+    averaged over ``(prompt, answer, subject)`` items: the ROME-style score for choosing which MLPs to edit.
+
+    The noise is computed once (:func:`trace_noise_sigma`), pooling ``subjects`` -- by default the items' own
+    subjects; pass the whole dataset's (for the organism, ``list(world.subjects)``) to follow ROME."""
     if not items:
         raise MechunError("pass at least one (prompt, answer, subject) item")
+    if subjects is None and noise_rule == "subjects":
+        subjects = [s for _, _, s in items]
+    sigma = trace_noise_sigma(model, noise, noise_rule, subjects)
     scores = [0.0] * n_layers(model)
     for prompt, answer, subject in items:
-        res = causal_trace(model, prompt, answer, subject, kind="mlp", samples=samples, seed=seed)
+        res = causal_trace(model, prompt, answer, subject, kind="mlp", samples=samples, seed=seed, sigma=sigma)
         pos = subject_positions(model, prompt, subject)[-1]
         scores = [s + float(res.scores[layer, pos]) / len(items) for layer, s in enumerate(scores)]
     return scores
@@ -320,8 +441,8 @@ class ProbeResult:
         return sorted(sorted(range(len(gains)), key=lambda i: -gains[i])[:k])
 
 
-def subject_token_features(model: Any, prompts: Sequence[str], subjects: Sequence[str],
-                           layers: Sequence[int] | None = None) -> Tensor:
+def subject_token_features(model: Model, prompts: Sequence[str], subjects: Sequence[str],
+                           layers: Sequence[int] | None = None) -> Float[Tensor, "layer n d_model"]:
     """``layer n d_model``: the residual stream after each layer at each prompt's last subject token."""
     ids, mask = tokenize(model, list(prompts))
     sel = torch.zeros_like(mask, dtype=torch.bool)
@@ -330,8 +451,9 @@ def subject_token_features(model: Any, prompts: Sequence[str], subjects: Sequenc
     return cache_residuals(model, ids, attention_mask=mask, layers=layers, positions=sel, progress=False).acts.float()
 
 
-def train_linear_probe(x: Tensor, y: Tensor, n_classes: int, steps: int = 300, lr: float = 0.05,
-                       weight_decay: float = 1e-3, seed: int = 0) -> Callable[[Tensor], Tensor]:
+def train_linear_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, steps: int = 300,
+                       lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0
+                       ) -> Callable[[Float[Tensor, "m d"]], Int[Tensor, " m"]]:
     """Multinomial logistic regression on standardised features; returns a predict function."""
     gen = torch.Generator().manual_seed(seed)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -349,7 +471,7 @@ def train_linear_probe(x: Tensor, y: Tensor, n_classes: int, steps: int = 300, l
     return lambda z: ((z - mu) / sd @ w + b).argmax(-1)
 
 
-def probe_layers(model: Any, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[int],
+def probe_layers(model: Model, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[int],
                  train: Sequence[bool], seed: int = 0) -> ProbeResult:
     """Train a probe per layer on the prompts marked ``train`` and test it on the others (held-out subjects)."""
     y = torch.tensor(list(labels))
@@ -376,14 +498,14 @@ class HeadPatchingResult:
     clean_metric: float
     corrupt_metric: float
 
-    def by_head(self) -> Tensor:
+    def by_head(self) -> Float[Tensor, "layer head"]:
         """Patching a head at every position at once is not the sum of the per-position effects; this is the
         largest single-position effect per (layer, head), a quick map of which heads matter."""
         return (self.scores - self.corrupt_metric).abs().amax(1)
 
 
 @torch.inference_mode()
-def activation_patching_heads(model: Any, clean: str | Tensor, corrupt: str | Tensor, metric: Metric,
+def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLike, metric: Metric,
                               batch_size: int = 128) -> HeadPatchingResult:
     """Per-head activation patching of ``blocks.{l}.attn.hook_z`` by (layer, position, head), batched."""
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
