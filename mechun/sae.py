@@ -5,8 +5,30 @@ domain, pick features that fire on forget text but (almost) never on retain text
 active, *clamp* it to a negative value ``-m`` (or multiply it by ``-k``, or zero it). The SAE's reconstruction error
 is kept: the hook replaces ``x`` by ``decode(f') + (x - decode(f))``, so an edit changes only the features it
 names. Zero-ablation tends not to unlearn; negative clamping does, at a cost in side effects when many features are
-used. SAEBench's selection rule: drop features whose activation frequency on retain text exceeds a threshold, rank
-the rest by frequency on forget text, take the top N.
+used. Selection: drop features that fire too often on retain text, rank the rest by how often they fire on forget
+text, take the top N.
+
+The defaults follow SAEBench's unlearning eval (``sae_bench/evals/unlearning``) point by point; each old mechun
+behaviour is one argument away.
+
+1. **BOS is not edited.** SAEBench zeroes every feature at position 0 before decoding, so the residual stream there
+   passes through unchanged; :func:`sae_intervention` returns position 0 exactly as it came (``skip_bos=False``
+   edits it like every other position). In the organism and Llama/Gemma tokenizers position 0 is BOS; with a
+   tokenizer that adds none (GPT-2) it is the first real token, skipped all the same, as SAEBench would.
+2. **Strict threshold.** A feature is kept only if its retain frequency is *below* the threshold; SAEBench drops
+   ``retain >= threshold`` (``strict=False`` keeps ``<=``).
+3. **Ties.** Features are ranked by descending forget frequency, ties broken by the lower feature index (a stable
+   sort). SAEBench ranks with numpy's default ``argsort()[::-1]``, an unstable sort whose order among equal
+   values depends on the numpy build (its SIMD sorts do not keep index order), so there is no fixed tie rule to
+   copy; mechun fixes this one. Ties are common: frequencies are counts over one token total, and rounding
+   (point 4) merges near-equal ones.
+4. **Six decimals.** SAEBench writes the frequencies with ``np.savetxt(fmt="%f")`` and selects on what it reads
+   back; :func:`select_features` rounds both frequencies to 6 decimals (half to even, in float64, which equals
+   that round trip for float32 frequencies) before thresholding and ranking (``decimals=None``: exact values).
+   A forget frequency that rounds to 0 counts as never firing.
+5. **Counted tokens.** Frequencies are over every real token except BOS, EOS and pad token ids *wherever they
+   occur* (SAEBench's ``mask_bos_pad_eos_tokens=True``). The old count, every real token but position 0, is
+   ``feature_stats(..., skip_special=False, skip_first=True)``.
 
 This module trains SAEs offline on a (bridge) model with sae-lens, loads them from disk (or the hub for online
 users), computes feature statistics, selects features, and provides the intervention as a context manager.
@@ -19,17 +41,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
 from mechun.cache import cache_residuals
 from mechun.errors import MechunError
 from mechun.hooks import hooks
-from mechun.models import check_layer, d_model, hook_name, model_device
+from mechun.models import HOOK_KINDS, Model, check_layer, d_model, hook_name, model_device, tokenize
 
-MODES = ("clamp", "scale", "zero")
+#: How an intervention edits the selected features where they are active.
+SAEMode = Literal["clamp", "scale", "zero"]
+MODES: tuple[SAEMode, ...] = get_args(SAEMode)
 
 
 def _hook_of(sae: Any) -> str:
@@ -40,8 +65,18 @@ def _hook_of(sae: Any) -> str:
     return name
 
 
+def _layer_kind(hook: str) -> tuple[int, str]:
+    """``blocks.3.hook_resid_post`` -> ``(3, "resid_post")``."""
+    parts = hook.split(".")
+    kind = parts[-1].removeprefix("hook_")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or kind not in HOOK_KINDS:
+        raise MechunError(f"cannot read feature statistics at hook {hook!r}; mechun caches "
+                          f"blocks.{{layer}}.hook_{{kind}} with kind in {HOOK_KINDS}")
+    return int(parts[1]), kind
+
+
 def train_sae(
-    model: Any,
+    model: Model,
     texts: Sequence[str],
     layer: int,
     architecture: str = "standard",
@@ -118,36 +153,92 @@ def load_sae(path_or_release: str | Path, sae_id: str | None = None, device: str
 
 @dataclass
 class FeatureStats:
-    frequency: Tensor  # d_sae: fraction of tokens where the feature is active
-    mean_activation: Tensor  # d_sae: mean activation where active
-    n_tokens: int
+    frequency: Float[Tensor, " d_sae"]  # fraction of counted tokens where the feature is active (float32, unrounded)
+    mean_activation: Float[Tensor, " d_sae"]  # mean activation where active
+    n_tokens: int  # tokens counted
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's BOS, EOS and pad ids (those it has): the tokens SAEBench leaves out of frequencies."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def counted_positions(
+    ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"],
+    special_ids: Sequence[int] = (),
+    skip_first: bool = False,
+) -> Bool[Tensor, "batch pos"]:
+    """The tokens feature frequencies count: real (unpadded) tokens whose id is not in ``special_ids``, wherever
+    they occur; ``skip_first`` also drops position 0 of every prompt (mechun's old rule, with no special ids)."""
+    special = torch.tensor(list(special_ids), dtype=ids.dtype, device=ids.device)
+    keep = attention_mask.bool() & ~torch.isin(ids, special)
+    if skip_first:
+        keep[:, 0] = False
+    return keep
+
+
+def stats_from_activations(acts: Float[Tensor, "n d_sae"]) -> FeatureStats:
+    """Frequency (active = ``> 0``; count / n in float32, as SAEBench) and mean activation where active."""
+    if acts.shape[0] == 0:
+        raise MechunError("no tokens to count: every token was BOS, EOS or padding; pass longer prompts")
+    active = acts > 0
+    count = active.sum(0)
+    freq = count.to(torch.float32) / acts.shape[0]
+    mean = (acts * active).sum(0) / count.clamp_min(1)
+    return FeatureStats(freq.cpu(), mean.float().cpu(), int(acts.shape[0]))
 
 
 @torch.inference_mode()
-def feature_stats(model: Any, sae: Any, prompts: Sequence[str], hook: str | None = None) -> FeatureStats:
-    """Activation frequency and mean activation of every feature over the prompts' tokens (BOS excluded)."""
-    hook = hook or _hook_of(sae)
-    layer = int(hook.split(".")[1])
-    cache = cache_residuals(model, list(prompts), layers=[layer], positions="all", progress=False)
-    mask = cache.mask.clone()
-    mask[:, 0] = False
-    acts = sae.encode(cache[layer][mask].to(sae.W_dec.device, sae.W_dec.dtype))
-    active = acts > 0
-    freq = active.float().mean(0)
-    mean = (acts * active).sum(0) / active.sum(0).clamp_min(1)
-    return FeatureStats(freq.cpu(), mean.cpu(), int(mask.sum()))
+def _encode_counted(model: Model, sae: Any, prompts: Sequence[str], hook: str | None, skip_special: bool,
+                    skip_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """SAE activations at the counted tokens (``n d_sae``, row-major over prompts), the token ids, the kept mask."""
+    layer, kind = _layer_kind(hook or _hook_of(sae))
+    ids, attn = tokenize(model, list(prompts))
+    keep = counted_positions(ids, attn, special_token_ids(model.tokenizer) if skip_special else (), skip_first)
+    cache = cache_residuals(model, ids, layers=[layer], positions=keep, attention_mask=attn, hook=kind,
+                            progress=False)
+    acts = sae.encode(cache[layer].to(sae.W_dec.device, sae.W_dec.dtype))
+    return acts, ids, keep
 
 
-def select_features(forget: FeatureStats, retain: FeatureStats, retain_threshold: float = 0.01,
-                    n: int = 10) -> list[int]:
-    """SAEBench's rule: features with retain frequency <= threshold, ranked by forget frequency, top ``n``
-    (only features that fire on forget text at all)."""
-    ok = (retain.frequency <= retain_threshold) & (forget.frequency > 0)
-    ranked = torch.argsort(torch.where(ok, forget.frequency, torch.tensor(-1.0)), descending=True)
-    return [int(i) for i in ranked[: min(n, int(ok.sum()))]]
+@torch.inference_mode()
+def feature_stats(model: Model, sae: Any, prompts: Sequence[str], hook: str | None = None,
+                  skip_special: bool = True, skip_first: bool = False) -> FeatureStats:
+    """Activation frequency and mean activation of every feature over the prompts' tokens, BOS, EOS and pad tokens
+    excluded wherever they occur (SAEBench; ``skip_special=False, skip_first=True`` is the old count)."""
+    acts, _, _ = _encode_counted(model, sae, prompts, hook, skip_special, skip_first)
+    return stats_from_activations(acts)
 
 
-def edit_features(acts: Tensor, features: Sequence[int], mode: str, value: float) -> Tensor:
+def round_frequency(freq: Float[Tensor, "*shape"], decimals: int = 6) -> Float64[Tensor, "*shape"]:
+    """Round half to even at ``decimals`` places, in float64: for float32 input (times 1e6 is exact) this equals
+    SAEBench's ``np.savetxt(fmt="%f")`` then ``np.loadtxt`` round trip."""
+    if decimals < 0:
+        raise MechunError(f"decimals must be >= 0, got {decimals}")
+    scale = 10.0 ** decimals
+    return torch.round(freq.to(torch.float64) * scale) / scale
+
+
+def select_features(forget: FeatureStats, retain: FeatureStats, retain_threshold: float = 0.01, n: int = 10,
+                    strict: bool = True, decimals: int | None = 6) -> list[int]:
+    """SAEBench's rule: features whose retain frequency is below ``retain_threshold`` (``<=`` if not ``strict``)
+    and that fire on forget text at all, by descending forget frequency (ties: lower index first), top ``n``.
+    Frequencies are first rounded to ``decimals`` places (None: not rounded). See the module docstring."""
+    f, r = forget.frequency, retain.frequency
+    if f.shape != r.shape:
+        raise MechunError(f"forget stats have {f.shape[0]} features but retain stats {r.shape[0]}; same SAE?")
+    if decimals is not None:
+        f, r = round_frequency(f, decimals), round_frequency(r, decimals)
+    ok = (r < retain_threshold if strict else r <= retain_threshold) & (f > 0)
+    key = torch.where(ok, f, torch.full_like(f, -1.0))
+    order = torch.sort(key, descending=True, stable=True).indices
+    return [int(i) for i in order[: min(n, int(ok.sum()))]]
+
+
+def edit_features(acts: Float[Tensor, "*batch d_sae"], features: Sequence[int], mode: SAEMode,
+                  value: float) -> Float[Tensor, "*batch d_sae"]:
     """The feature edit alone: clamp active features to ``-value``, scale them by ``-value``, or zero them."""
     if mode not in MODES:
         raise MechunError(f"mode must be one of {MODES}, got {mode!r}")
@@ -165,11 +256,22 @@ def edit_features(acts: Tensor, features: Sequence[int], mode: str, value: float
     return out
 
 
+def edit_residual(x: Float[Tensor, "batch pos *rest"], sae: Any, features: Sequence[int], mode: SAEMode = "clamp",
+                  value: float = 50.0, skip_bos: bool = True) -> Float[Tensor, "batch pos *rest"]:
+    """What the intervention hook computes: ``decode(edit(encode(x))) + (x - decode(encode(x)))`` in the SAE's
+    dtype; with ``skip_bos`` position 0 is returned exactly as given (SAEBench)."""
+    xs = x.to(sae.W_dec.dtype)
+    f = sae.encode(xs)
+    out = (sae.decode(edit_features(f, features, mode, value)) + (xs - sae.decode(f))).to(x.dtype)
+    return torch.cat([x[:, :1], out[:, 1:]], dim=1) if skip_bos else out
+
+
 @contextmanager
-def sae_intervention(model: Any, sae: Any, features: Sequence[int], mode: str = "clamp", value: float = 50.0,
-                     hook: str | None = None) -> Iterator[None]:
+def sae_intervention(model: Model, sae: Any, features: Sequence[int], mode: SAEMode = "clamp", value: float = 50.0,
+                     hook: str | None = None, skip_bos: bool = True) -> Iterator[None]:
     """Within the block, the residual stream at the SAE's hook becomes
-    ``decode(edit(encode(x))) + (x - decode(encode(x)))``: only the named features change."""
+    ``decode(edit(encode(x))) + (x - decode(encode(x)))``: only the named features change. Position 0 (BOS) of
+    every forward is left untouched unless ``skip_bos=False`` (see the module docstring)."""
     hook = hook or _hook_of(sae)
     features = list(features)
     if not features:
@@ -183,30 +285,19 @@ def sae_intervention(model: Any, sae: Any, features: Sequence[int], mode: str = 
         raise MechunError(f"mode must be one of {MODES}, got {mode!r}")
 
     def fn(x: Tensor) -> Tensor:
-        xs = x.to(sae.W_dec.dtype)
-        f = sae.encode(xs)
-        recon = sae.decode(f)
-        out = sae.decode(edit_features(f, features, mode, value)) + (xs - recon)
-        return out.to(x.dtype)
+        return edit_residual(x, sae, features, mode, value, skip_bos)
 
     with hooks(model, [(hook, fn)]):
         yield
 
 
-def top_activating(model: Any, sae: Any, prompts: Sequence[str], feature: int, k: int = 5,
+def top_activating(model: Model, sae: Any, prompts: Sequence[str], feature: int, k: int = 5,
                    hook: str | None = None) -> list[tuple[float, str, str]]:
-    """Feature card: the ``k`` (activation, prompt, token) with the highest activation of ``feature``."""
-    hook = hook or _hook_of(sae)
-    layer = int(hook.split(".")[1])
-    cache = cache_residuals(model, list(prompts), layers=[layer], positions="all", progress=False)
-    mask = cache.mask.clone()
-    mask[:, 0] = False
-    idx = mask.nonzero()
-    with torch.inference_mode():
-        acts = sae.encode(cache[layer][mask].to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].cpu()
-    from mechun.models import tokenize
-
-    ids, _ = tokenize(model, list(prompts))
+    """Feature card: the ``k`` (activation, prompt, token) with the highest activation of ``feature``, over the
+    tokens :func:`feature_stats` counts."""
+    acts, ids, keep = _encode_counted(model, sae, prompts, hook, skip_special=True, skip_first=False)
+    acts = acts[:, feature].cpu()
+    idx = keep.nonzero()
     out = []
     for j in torch.argsort(acts, descending=True)[:k].tolist():
         b, p = idx[j].tolist()
