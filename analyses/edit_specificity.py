@@ -23,16 +23,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
 import torch
 
-from analyses.common import setup
+from mechun import plots
 from mechun.edit import localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy, neighbourhood_scores, next_token_logprobs
 from mechun.localize import mlp_trace_scores
 from mechun.models import bare_forward_view, load_model, model_fingerprint
-from mechun.organism.world import Fact, World, relation
+from mechun.organism.world import Fact, World, other_values, relation
 from mechun.report import table, write_report
+from mechun.reproduce import prepare
+from mechun.stats import over_seeds, seed_stat
 
 KEYS = ("efficacy", "paraphrase_efficacy", "ns_static", "ns_dynamic", "nm_static", "nm_dynamic", "nkl_static",
         "nkl_dynamic")
@@ -41,7 +42,7 @@ KEYS = ("efficacy", "paraphrase_efficacy", "ns_static", "ns_dynamic", "nm_static
 def pick_edits(world: World, n: int, seed: int) -> list[tuple[Fact, str]]:
     rng = random.Random(f"edits-{seed}")
     facts = rng.sample(world.facts, n)
-    return [(f, rng.choice([v for v in relation(f.relation).values if v != f.answer])) for f in facts]
+    return [(f, rng.choice(other_values(f))) for f in facts]
 
 
 def measure(model: Any, world: World, fact: Fact, new: str) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def edit_once(model: Any, world: World, fact: Fact, new: str, steps: int, seed: 
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out, ckpt, world, _ = setup(out, quick, seed, organism)
+    out, ckpt, world, _ = prepare(out, quick, seed, organism)
     model = load_model(ckpt, device="cpu")
     bare, _ = bare_forward_view(model)
     original = {n: p.detach().clone() for n, p in bare.named_parameters()}
@@ -108,9 +109,9 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     if model_fingerprint(model) != fp0:
         raise RuntimeError("weights were not restored after the edits")
 
-    def agg(key: str) -> dict[str, float]:
-        per_seed = [statistics.fmean(r[key] for r in rows if r["seed"] == s) for s in seeds]
-        return {"mean": statistics.fmean(per_seed), "std": statistics.pstdev(per_seed), "per_seed": per_seed}
+    def agg(key: str) -> dict[str, Any]:
+        """Over seeds, of each seed's mean over its edits."""
+        return over_seeds(seeds, lambda s: statistics.fmean(r[key] for r in rows if r["seed"] == s)).to_json()
 
     summary = {f"{k}_{c}": agg(f"{k}_{c}") for k in KEYS[:6] for c in ("unedited", "edited")}
     summary.update({f"nkl_{k}_edited": agg(f"nkl_{k}_edited") for k in ("static", "dynamic")})
@@ -135,14 +136,11 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
 
 def report_blocks(r: dict) -> list:
     s = r["summary"]
-    fig = go.Figure()
-    for cond in ("unedited", "edited"):
-        fig.add_bar(name=cond, x=["NS static", "NS dynamic", "NM static", "NM dynamic"],
-                    y=[s[f"{k}_{cond}"]["mean"] for k in ("ns_static", "ns_dynamic", "nm_static", "nm_dynamic")],
-                    error_y=dict(type="data", array=[s[f"{k}_{cond}"]["std"] for k in
-                                                     ("ns_static", "ns_dynamic", "nm_static", "nm_dynamic")]))
-    fig.update_layout(barmode="group", title="Neighbourhood score and magnitude (mean ± std over seeds)",
-                      template="plotly_white")
+    keys = ("ns_static", "ns_dynamic", "nm_static", "nm_dynamic")
+    fig = plots.grouped_bars(["NS static", "NS dynamic", "NM static", "NM dynamic"],
+                             {cond: [seed_stat(s[f"{k}_{cond}"]["per_seed"]) for k in keys]
+                              for cond in ("unedited", "edited")},
+                             "Neighbourhood score and magnitude (mean ± std over seeds)", "score / magnitude")
     rows = [{"measure": k, "mean": v["mean"], "std over seeds": v["std"]} for k, v in s.items()]
     edits = [{k: e[k] for k in ("seed", "subject", "relation", "true", "new", "efficacy_edited", "ns_static_edited",
                                 "ns_dynamic_edited", "ns_static_unedited", "ns_dynamic_unedited", "nkl_dynamic_edited")}
@@ -157,6 +155,6 @@ def report_blocks(r: dict) -> list:
 
 
 if __name__ == "__main__":
-    from analyses.common import script_main
+    from mechun.reproduce import script_main
 
     script_main(run, __doc__)

@@ -17,40 +17,47 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
 import torch
 
-from analyses.common import setup
-from mechun.edit import component_mask, full_mask, localized_finetune, mask_from_scores, random_mask
+from mechun import plots
+from mechun.edit import component_mask, full_mask, localized_finetune, mask_from_scores, random_mask, relearn
 from mechun.evaluate import cloze_accuracy, mcq_accuracy
 from mechun.localize import (
     activation_patching,
     attribution_patching,
     causal_trace,
     logit_diff_metric,
+    mlp_trace_scores,
     probe_layers,
-    subject_positions,
     subject_token_features,
     train_linear_probe,
 )
 from mechun.models import load_model, n_layers
 from mechun.organism.world import World, relation
 from mechun.report import table, write_report
+from mechun.reproduce import prepare
+from mechun.stats import aggregate, over_seeds
 
 RELATION = "sport"
 METRICS = ("forget_standard", "forget_paraphrase", "forget_mcq", "retain", "relearned_heldout", "probe_forget")
 
 
-def base_probes(model: Any, facts: list) -> tuple[list, Any]:
-    """Per-layer probes trained on the base model for every fact of the relation (train templates)."""
+def _probe_rows(facts: list) -> tuple[list[str], list[str], torch.Tensor]:
+    """Every fact of the relation in the trained templates: prompts, subjects and the attribute's value index."""
     rel = relation(RELATION)
     prompts = [t.format(s=f.subject) for f in facts for t in rel.train_templates]
     subjects = [f.subject for f in facts for _ in rel.train_templates]
     y = torch.tensor([rel.values.index(f.answer) for f in facts for _ in rel.train_templates])
+    return prompts, subjects, y
+
+
+def base_probes(model: Any, facts: list) -> tuple[list, Any]:
+    """Per-layer probes trained on the base model for every fact of the relation (train templates)."""
+    rel = relation(RELATION)
+    prompts, subjects, y = _probe_rows(facts)
     feats = subject_token_features(model, prompts, subjects)
     return [train_linear_probe(feats[layer], y, len(rel.values)) for layer in range(feats.shape[0])], rel
 
@@ -59,26 +66,20 @@ def probe_forget_accuracy(model: Any, probes: list, rel: Any, forget: list) -> f
     """Representation check: the base model's probe at the *last* layer (downstream of every edited component)
     applied to the edited model's subject token on the forgotten facts. High = the attribute is still linearly
     readable where the base model kept it. (Earlier layers upstream of an edit are unchanged by construction.)"""
-    prompts = [t.format(s=f.subject) for f in forget for t in rel.train_templates]
-    subjects = [f.subject for f in forget for _ in rel.train_templates]
-    y = torch.tensor([rel.values.index(f.answer) for f in forget for _ in rel.train_templates])
+    prompts, subjects, y = _probe_rows(forget)
     feats = subject_token_features(model, prompts, subjects)
     return float((probes[-1](feats[-1]) == y).float().mean())
 
 
 def localize_all(model: Any, world: World, facts: list, n: int = 6, seed: int = 0) -> dict[str, Any]:
-    """Per-MLP-layer scores from each method, plus heatmaps for the report."""
+    """Per-MLP-layer scores from each method, plus heatmaps for the report (causal tracing of the first fact)."""
     L = n_layers(model)
     rel = relation(RELATION)
     tpl = rel.train_templates[0]
-    ct = {k: [] for k in ("resid", "mlp", "attn")}
-    for f in facts[:n]:
-        prompt = tpl.format(s=f.subject)
-        for kind in ct:
-            ct[kind].append(causal_trace(model, prompt, f.answer, f.subject, kind=kind, samples=5, seed=seed))
-    last_subj = [subject_positions(model, tpl.format(s=f.subject), f.subject)[-1] for f in facts[:n]]
-    ct_mlp = [statistics.fmean(float(r.scores[layer, p]) for r, p in zip(ct["mlp"], last_subj, strict=True))
-              for layer in range(L)]
+    ct_mlp = mlp_trace_scores(model, [(tpl.format(s=f.subject), f.answer, f.subject) for f in facts[:n]], samples=5,
+                              seed=seed)
+    traces = {kind: causal_trace(model, tpl.format(s=facts[0].subject), facts[0].answer, facts[0].subject, kind=kind,
+                                 samples=5, seed=seed) for kind in ("resid", "mlp", "attn")}
     pairs = [(a, b) for a, b in zip(facts, facts[1:], strict=False) if a.answer != b.answer][:n]
     attr, act = [0.0] * L, None
     for a, b in pairs:
@@ -95,7 +96,7 @@ def localize_all(model: Any, world: World, facts: list, n: int = 6, seed: int = 
     prev = [1.0 / probe.n_classes] + probe.test_accuracy[:-1]
     return {"causal_tracing": ct_mlp, "attribution_patching": attr,
             "fact_lookup": [a - b for a, b in zip(probe.test_accuracy, prev, strict=True)],
-            "probe": probe, "traces": {k: v[0] for k, v in ct.items()}, "activation_patching": act}
+            "probe": probe, "traces": traces, "activation_patching": act}
 
 
 def _eval(model: Any, world: World, forget: list, retain_prompts: list) -> dict[str, float]:
@@ -106,7 +107,7 @@ def _eval(model: Any, world: World, forget: list, retain_prompts: list) -> dict[
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out, ckpt, world, base = setup(out, quick, seed, organism)
+    out, ckpt, world, base = prepare(out, quick, seed, organism)
     L = n_layers(base)
     facts = world.facts_of(relation=RELATION)
     loc = localize_all(base, world, facts, n=3 if quick else 6, seed=seed)
@@ -147,18 +148,16 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             row = _eval(model, world, forget, retain_prompts)
             row["probe_forget"] = probe_forget_accuracy(model, probes, rel, forget)
             half, other = forget[: len(forget) // 2], forget[len(forget) // 2:]
-            relearn = world.prompts(facts=half)
-            localized_finetune(model, full_mask(model), [p.text for p in relearn], [p.answer for p in relearn],
-                               mode="learn", steps=relearn_steps, lr=1e-3, seed=s)
-            row["relearned_heldout"] = cloze_accuracy(model, world.prompts(facts=other))
+            curve = relearn(model, world.prompts(facts=half), world.prompts(facts=other), [relearn_steps], seed=s)
+            row["relearned_heldout"] = curve.held_out_accuracy[-1]
             row["n_params"] = mask.n_params
             row["components"] = [list(c) for c in mask.components]
             per.setdefault(name, []).append(row)
             log(f"seed {s} {name:<21} " + " ".join(f"{m}={row[m]:.2f}" for m in METRICS))
-    summary = {name: {m: statistics.fmean(r[m] for r in rows) for m in METRICS} |
-               {m + "_std": statistics.pstdev([r[m] for r in rows]) for m in METRICS} |
-               {"n_params": rows[0]["n_params"], "components": rows[0]["components"]}
-               for name, rows in per.items()}
+    stats = {name: aggregate([{m: r[m] for m in METRICS} for r in rows]) for name, rows in per.items()}
+    summary = {name: {m: st[m].mean for m in METRICS} | {m + "_std": st[m].std for m in METRICS} |
+               {"n_params": per[name][0]["n_params"], "components": per[name][0]["components"]}
+               for name, st in stats.items()}
     peaks = {kind: dict(zip(("layer", "position", "indirect_effect"), tr.peak(), strict=True))
              for kind, tr in loc["traces"].items()}
     others = [n for n in summary if n not in ("fact_lookup", "nonlocalized", "all_mlp")]
@@ -183,22 +182,13 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     return results
 
 
-def _heat(res, title: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=res.scores.tolist(), x=[f"{i}:{t}" for i, t in enumerate(res.tokens)],
-                               y=list(res.layers), colorscale="RdBu", zmid=0))
-    fig.update_layout(title=title, xaxis_title="token", yaxis_title="layer", template="plotly_white")
-    return fig
-
-
 def _blocks(r: dict, loc: dict) -> list:
     names = list(r["summary"])
-    bars = go.Figure([go.Bar(name=m, x=names, y=[r["summary"][n][m] for n in names],
-                             error_y=dict(type="data", array=[r["summary"][n][m + "_std"] for n in names]))
-                      for m in METRICS])
-    bars.update_layout(barmode="group", title="After localized unlearning (mean ± std over seeds)",
-                       yaxis=dict(title="accuracy", range=[0, 1.05]), template="plotly_white")
-    rows = [{"localization": n, "params": r["summary"][n]["n_params"],
-             **{m: f"{r['summary'][n][m]:.2f} ± {r['summary'][n][m + '_std']:.2f}" for m in METRICS}} for n in names]
+    stats = {n: {m: over_seeds(r["per_seed"][n], lambda row, m=m: row[m]) for m in METRICS} for n in names}
+    bars = plots.grouped_bars(names, {m: [stats[n][m] for n in names] for m in METRICS},
+                              "After localized unlearning (mean ± std over seeds)", "accuracy", y_range=(0, 1.05))
+    rows = [{"localization": n, "params": r["summary"][n]["n_params"], **{m: f"{stats[n][m]}" for m in METRICS}}
+            for n in names]
     return [f"<p class='verdict'>{r['verdict']}</p>",
             "<p>Lower is better for the forget columns and for <b>relearned_heldout</b> (accuracy on forgotten facts "
             "that were <i>not</i> relearned, after fine-tuning on the others); higher is better for retain. "
@@ -209,12 +199,12 @@ def _blocks(r: dict, loc: dict) -> list:
             "too few subjects per relation for a probe to generalise, and the fact-lookup mask is not informative.</p>",
             table(rows), bars,
             ("h2", "Causal tracing (one prompt; indirect effect of restoring each layer x token)")]\
-        + [_heat(tr, f"causal tracing: {k}") for k, tr in loc["traces"].items()]\
+        + [plots.patching_heatmap(tr, f"causal tracing: {k}", colorbar="IE") for k, tr in loc["traces"].items()]\
         + [("h2", "Activation patching (resid_pre, logit difference)"),
-           _heat(loc["activation_patching"], "activation patching, resid_pre")]
+           plots.patching_heatmap(loc["activation_patching"], "activation patching, resid_pre")]
 
 
 if __name__ == "__main__":
-    from analyses.common import script_main
+    from mechun.reproduce import script_main
 
     script_main(run, __doc__)

@@ -1,6 +1,7 @@
 """Train the model organism and report what it knows, per domain and format.
 
-Run as ``mechun reproduce organism --out DIR [--quick] [--seed N]`` or ``python -m analyses.organism_baseline``.
+Run as ``mechun reproduce organism --out DIR [--quick] [--seed N]`` or
+``python analyses/organism_baseline.py --out DIR``.
 Writes ``DIR/organism/`` (the checkpoint), ``DIR/results.json`` and ``DIR/report.html``.
 """
 
@@ -11,19 +12,15 @@ from pathlib import Path
 
 from mechun import plots
 from mechun.evaluate import chance_accuracy, evaluate_world
-from mechun.models import load_model, model_fingerprint
-from mechun.organism.train import ensure_organism
-from mechun.organism.world import DOMAINS, World
+from mechun.models import model_fingerprint
+from mechun.organism.world import DOMAINS
 from mechun.report import table, write_report
+from mechun.reproduce import prepare, preset_for
 
 
-def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    preset = "tiny" if quick else "small"
-    ckpt = ensure_organism(out / "organism", preset=preset, seed=seed)
-    model = load_model(ckpt, device="cpu")
-    world = World.load(ckpt)
+def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
+    out, ckpt, world, model = prepare(out, quick, seed, organism)
+    preset = preset_for(quick)
     accuracy = evaluate_world(model, world)
     training = json.loads((ckpt / "training.json").read_text())
     results = {
@@ -40,13 +37,13 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
         "domains, two retain domains). <b>train</b>: the trained cloze templates; <b>paraphrase</b>: held-out "
         "templates never seen in training; <b>mcq</b>: A-D questions in option orders never seen in training.</p>",
         table(rows),
-        plots.accuracy_bars(accuracy, chance={"mcq": 0.25, "cloze": chance_accuracy("train")}),
+        plots.accuracy_bars(accuracy, chance={"mcq": chance_accuracy("mcq"), "cloze": chance_accuracy("train")}),
         plots.line(training["loss_curve"], "Training loss", y_title="LM loss"),
     ], results=results)
     return results
 
 
 if __name__ == "__main__":
-    from analyses.common import script_main
+    from mechun.reproduce import script_main
 
     script_main(run, __doc__)

@@ -23,20 +23,20 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
-
-from analyses.common import setup
+from mechun import plots
 from mechun.edit import full_mask, localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy
+from mechun.junk import recovery_fraction
 from mechun.localize import mlp_trace_scores
 from mechun.models import load_model, n_layers, save_model
-from mechun.organism.world import Fact, Prompt, World, relation
+from mechun.organism.world import Fact, Prompt, World, other_values
 from mechun.report import table, write_report
-from mechun.rmu import RMUConfig, recovery_fraction, rmu_unlearn
+from mechun.reproduce import prepare
+from mechun.rmu import RMUConfig, rmu_unlearn
+from mechun.stats import over_seeds, seed_stat
 
 DOMAIN = "people"
 METHODS = ("gradient_ascent", "localized_ft", "rmu")
@@ -47,8 +47,7 @@ def corruption(world: World, seed: int) -> list[tuple[Fact, str]]:
     rng = random.Random(f"corrupt-{seed}")
     subjects = sorted({f.subject for f in world.facts_of(DOMAIN)})
     chosen = set(rng.sample(subjects, len(subjects) // 2))
-    return [(f, rng.choice([v for v in relation(f.relation).values if v != f.answer]))
-            for f in world.facts_of(DOMAIN) if f.subject in chosen]
+    return [(f, rng.choice(other_values(f))) for f in world.facts_of(DOMAIN) if f.subject in chosen]
 
 
 def _sets(world: World, corrupt: list[tuple[Fact, str]]) -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
@@ -102,7 +101,7 @@ def corrupt_model(model: Any, world: World, corrupt: list[tuple[Fact, str]], qui
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out, ckpt, world, base = setup(out, quick, seed, organism)
+    out, ckpt, world, base = prepare(out, quick, seed, organism)
     seeds = [seed, seed + 1, seed + 2]
     rows = []
     for s in seeds:
@@ -127,16 +126,15 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
                          "forget_fraction": recovery_fraction(0.0, corrupted["false"], after["false"])})
             log(f"  {method:<16} false {after['false']:.2f}  true {after['true']:.2f}  retain {after['retain']:.2f}")
 
-    def agg(method: str, fn) -> dict[str, float]:
-        vals = [fn(r) for r in rows if r["method"] == method]
-        return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "per_seed": vals}
+    def agg(method: str, fn) -> dict[str, Any]:
+        return over_seeds([r for r in rows if r["method"] == method], fn).to_json()
 
     summary = {m: {"false_after": agg(m, lambda r: r["after"]["false"]),
                    "true_after": agg(m, lambda r: r["after"]["true"]),
                    "retain_after": agg(m, lambda r: r["after"]["retain"]),
                    "restore_fraction": agg(m, lambda r: r["restore_fraction"])} for m in METHODS}
-    corrupted_true = statistics.fmean(r["corrupted"]["true"] for r in rows)
-    corrupted_false = statistics.fmean(r["corrupted"]["false"] for r in rows)
+    corrupted = {k: agg(METHODS[0], lambda r, k=k: r["corrupted"][k]) for k in ("true", "false")}
+    corrupted_true, corrupted_false = corrupted["true"]["mean"], corrupted["false"]["mean"]
     parts = [f"{m}: false {summary[m]['false_after']['mean']:.2f}, true {summary[m]['true_after']['mean']:.2f} "
              f"(restore {summary[m]['restore_fraction']['mean']:.0%})" for m in METHODS]
     verdict = (f"After corruption the model states the false values {corrupted_false:.0%} of the time and the true "
@@ -144,16 +142,15 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
                "false facts is not the same as restoring the true ones." if corrupted_false > 0.5 else
                "The corruption did not take (false-value accuracy <= 0.5); nothing to test.")
     results = {"domain": DOMAIN, "seeds": seeds, "methods": list(METHODS), "summary": summary,
-               "corrupted": {"true": corrupted_true, "false": corrupted_false}, "verdict": verdict, "runs": rows}
+               "corrupted": {"true": corrupted_true, "false": corrupted_false}, "corrupted_over_seeds": corrupted,
+               "verdict": verdict, "runs": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    fig = go.Figure()
-    for key, label in (("false_after", "false values stated"), ("true_after", "true values restored"),
-                       ("retain_after", "other facts")):
-        fig.add_bar(name=label, x=list(METHODS), y=[summary[m][key]["mean"] for m in METHODS],
-                    error_y=dict(type="data", array=[summary[m][key]["std"] for m in METHODS]))
-    fig.update_layout(barmode="group", title="Unlearning the corruption (mean ± std over seeds)",
-                      yaxis=dict(range=[0, 1.05]), template="plotly_white")
-    table_rows = [{"method": m, **{k: f"{v['mean']:.2f} ± {v['std']:.2f}" for k, v in summary[m].items()}}
+    fig = plots.grouped_bars(list(METHODS), {label: [seed_stat(summary[m][key]["per_seed"]) for m in METHODS]
+                                             for key, label in (("false_after", "false values stated"),
+                                                                ("true_after", "true values restored"),
+                                                                ("retain_after", "other facts"))},
+                             "Unlearning the corruption (mean ± std over seeds)", "accuracy", y_range=(0, 1.05))
+    table_rows = [{"method": m, **{k: f"{seed_stat(v['per_seed'])}" for k, v in summary[m].items()}}
                   for m in METHODS]
     write_report(out / "report.html", "Corrupt, then unlearn: forgetting vs restoring (RESTOR)",
                  [f"<p class='verdict'>{verdict}</p>", fig, table(table_rows)], results=results)
@@ -161,6 +158,6 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
 
 
 if __name__ == "__main__":
-    from analyses.common import script_main
+    from mechun.reproduce import script_main
 
     script_main(run, __doc__)

@@ -13,29 +13,27 @@ Run as ``mechun reproduce sae-unlearning --out DIR [--quick] [--seed N]``. Write
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
-
-from analyses.common import setup
-from analyses.rmu_shallowness import settings as rmu_settings
-from mechun.evaluate import FORMATS, continuation_nll, evaluate_world
+from mechun import plots
+from mechun.evaluate import FORMATS, continuation_nll, evaluate_world, retain_accuracy
 from mechun.models import load_model, n_layers
 from mechun.organism.train import mcq_orders_trained
-from mechun.organism.world import DOMAINS, World
+from mechun.organism.world import World
 from mechun.report import table, write_report
-from mechun.rmu import rmu_unlearn
+from mechun.reproduce import prepare
+from mechun.rmu import main_setting, rmu_unlearn
 from mechun.sae import feature_stats, sae_intervention, select_features, top_activating, train_sae
+from mechun.stats import SeedStat, over_seeds, seed_stat
 
 FORGET = "pathogen"
 KINDS = ("zero", "clamp", "scale")
 
 
 def _retain(acc: dict) -> float:
-    return statistics.fmean(acc[d]["train"] for d, k in DOMAINS.items() if k == "retain")
+    return retain_accuracy(acc)["train"]
 
 
 def _grid(quick: bool) -> dict:
@@ -79,8 +77,8 @@ def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dic
               "top": top_activating(base, sae, [p.text for p in world.prompts(FORGET)], i, k=3)}
              for i in (best["clamp"] or {"features": []})["features"][:4]]
     # RMU on the same organism and domain, same seed
-    main, _ = rmu_settings(quick, n_layers(base))
-    rmu_unlearn(model, base, forget_texts, retain_texts, replace(main, seed=seed), progress=False)
+    cfg = replace(main_setting(n_layers(base), forget=(FORGET,), quick=quick), seed=seed)
+    rmu_unlearn(model, base, forget_texts, retain_texts, cfg, progress=False)
     rmu_acc = evaluate_world(model, world)
     return {"seed": seed, "layer": layer, "rows": rows, "best": best, "base": base_acc, "cards": cards,
             "coherence_clamp": coherence,
@@ -88,7 +86,7 @@ def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dic
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
-    out, ckpt, world, base = setup(out, quick, seed, organism)
+    out, ckpt, world, base = prepare(out, quick, seed, organism)
     seeds = [seed, seed + 1, seed + 2]
     per = []
     for s in seeds:
@@ -97,23 +95,21 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         log(f"seed {s}: best forget acc " + ", ".join(
             f"{k}={b[k]['forget']['train']:.2f}" if b[k] else f"{k}=n/a" for k in KINDS))
 
-    def stat(values):
-        vals = [v for v in values if v is not None]
-        if not vals:
-            return None, None
-        return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    def result(kind: str, p: dict) -> dict | None:
+        """Seed ``p``'s outcome of an intervention kind (its best setting; None where none kept retain), or RMU's."""
+        return p["rmu"] if kind == "rmu" else p["best"][kind]
 
-    fa, fa_std, ra, ra_std, by_fmt = {}, {}, {}, {}, {}
-    for kind in KINDS:
-        fa[kind], fa_std[kind] = stat([p["best"][kind]["forget"]["train"] if p["best"][kind] else None for p in per])
-        ra[kind], ra_std[kind] = stat([p["best"][kind]["retain"] if p["best"][kind] else None for p in per])
-        by_fmt[kind] = {f: stat([p["best"][kind]["forget"][f] if p["best"][kind] else None for p in per])[0]
-                        for f in FORMATS}
-    fa["rmu"], fa_std["rmu"] = stat([p["rmu"]["forget"]["train"] for p in per])
-    ra["rmu"], ra_std["rmu"] = stat([p["rmu"]["retain"] for p in per])
-    by_fmt["rmu"] = {f: stat([p["rmu"]["forget"][f] for p in per])[0] for f in FORMATS}
-    fa["base"] = stat([p["base"][FORGET]["train"] for p in per])[0]
-    ra["base"] = stat([_retain(p["base"]) for p in per])[0]
+    def kind_stat(kind: str, fn) -> SeedStat:
+        return over_seeds(per, lambda p: None if result(kind, p) is None else fn(result(kind, p)))
+
+    forget_stat = {k: kind_stat(k, lambda b: b["forget"]["train"]) for k in (*KINDS, "rmu")}
+    retain_stat = {k: kind_stat(k, lambda b: b["retain"]) for k in (*KINDS, "rmu")}
+    forget_stat["base"] = over_seeds(per, lambda p: p["base"][FORGET]["train"])
+    retain_stat["base"] = over_seeds(per, lambda p: _retain(p["base"]))
+    fa, fa_std = {k: _mean(v) for k, v in forget_stat.items()}, {k: _std(v) for k, v in forget_stat.items()}
+    ra, ra_std = {k: _mean(v) for k, v in retain_stat.items()}, {k: _std(v) for k, v in retain_stat.items()}
+    del fa_std["base"], ra_std["base"]
+    by_fmt = {k: {f: _mean(kind_stat(k, lambda b, f=f: b["forget"][f])) for f in FORMATS} for k in (*KINDS, "rmu")}
     score = {k: (None if fa[k] is None else 1 - fa[k] / fa["base"]) for k in (*KINDS, "rmu")}
     # "more" must exceed the seed-to-seed spread (and two points), not float noise
     clamp_better = (fa["clamp"] is not None and fa["zero"] is not None
@@ -121,11 +117,13 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     results = {
         "forget_domain": FORGET, "seeds": seeds, "layer": per[0]["layer"],
         "forget_accuracy": fa, "forget_accuracy_std": fa_std, "retain_accuracy": ra, "retain_accuracy_std": ra_std,
+        "forget_accuracy_per_seed": {k: list(v.per_seed) for k, v in forget_stat.items()},
+        "retain_accuracy_per_seed": {k: list(v.per_seed) for k, v in retain_stat.items()},
         "forget_accuracy_by_format": by_fmt, "score": score,
         "features": {str(p["seed"]): (p["best"]["clamp"] or {}).get("features") for p in per},
         "best_settings": {str(p["seed"]): {k: ({x: v[x] for x in ("threshold", "n", "value")} if v else None)
                                            for k, v in p["best"].items()} for p in per},
-        "coherence_nll_clamp": stat([p["coherence_clamp"] for p in per])[0],
+        "coherence_nll_clamp": _mean(over_seeds(per, lambda p: p["coherence_clamp"])),
         "feature_cards": per[0]["cards"],
         "sweep": [{**{k: r[k] for k in ("kind", "threshold", "n", "value", "retain")}, "forget": r["forget"],
                    "seed": p["seed"]} for p in per for r in p["rows"]],
@@ -134,7 +132,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     }
 
     def fmt(k):
-        return "n/a" if fa[k] is None else f"{fa[k]:.2f} ± {fa_std[k]:.2f}"
+        return f"{forget_stat[k]}" if forget_stat[k].n else "n/a"
 
     results["verdict"] = (
         f"At retain accuracy >= 0.99 of the original, negative clamping leaves forget accuracy {fmt('clamp')}, "
@@ -148,24 +146,29 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     return results
 
 
+def _mean(s: SeedStat) -> float | None:
+    """The mean for results.json: None (null) where no seed gave a number."""
+    return s.mean if s.n else None
+
+
+def _std(s: SeedStat) -> float | None:
+    return s.std if s.n else None
+
+
 def _blocks(r: dict) -> list:
-    fig = go.Figure()
+    points, labels = {}, {}
     for kind in KINDS:
         pts = [s for s in r["sweep"] if s["kind"] == kind]
-        fig.add_scatter(x=[s["retain"] for s in pts], y=[s["forget"]["train"] for s in pts], mode="markers",
-                        name=kind, text=[f"thr={s['threshold']} n={s['n']} v={s['value']} seed={s['seed']}"
-                                         for s in pts])
-    fig.add_scatter(x=[r["retain_accuracy"]["rmu"]], y=[r["forget_accuracy"]["rmu"]], mode="markers",
-                    marker=dict(symbol="star", size=14), name="RMU")
-    fig.update_layout(title="Forget vs retain accuracy, every setting (trained templates)", xaxis_title="retain",
-                      yaxis_title="forget", template="plotly_white")
+        points[kind] = ([s["retain"] for s in pts], [s["forget"]["train"] for s in pts])
+        labels[kind] = [f"thr={s['threshold']} n={s['n']} v={s['value']} seed={s['seed']}" for s in pts]
+    points["RMU"] = (r["retain_accuracy_per_seed"]["rmu"], r["forget_accuracy_per_seed"]["rmu"])
+    labels["RMU"] = [f"seed={s}" for s in r["seeds"]]
+    fig = plots.scatter(points, "Forget vs retain accuracy, every setting (trained templates)", "retain", "forget",
+                        labels=labels)
     kinds = [k for k in (*KINDS, "rmu") if r["forget_accuracy"][k] is not None]
-    bars = go.Figure([go.Bar(x=kinds, y=[r["forget_accuracy"][k] for k in kinds], name="forget",
-                             error_y=dict(type="data", array=[r["forget_accuracy_std"][k] for k in kinds])),
-                      go.Bar(x=kinds, y=[r["retain_accuracy"][k] for k in kinds], name="retain",
-                             error_y=dict(type="data", array=[r["retain_accuracy_std"][k] for k in kinds]))])
-    bars.update_layout(barmode="group", title="Best setting per intervention (mean ± std over seeds)",
-                       yaxis=dict(range=[0, 1.05]), template="plotly_white")
+    bars = plots.grouped_bars(kinds, {what: [seed_stat(r[f"{what}_accuracy_per_seed"][k]) for k in kinds]
+                                      for what in ("forget", "retain")},
+                              "Best setting per intervention (mean ± std over seeds)", "accuracy", y_range=(0, 1.05))
     rows = [{"intervention": k, "forget (train)": r["forget_accuracy"][k], "retain": r["retain_accuracy"][k],
              **{f"forget {f}": r["forget_accuracy_by_format"][k][f] for f in FORMATS}, "score": r["score"][k]}
             for k in kinds]
@@ -176,6 +179,6 @@ def _blocks(r: dict) -> list:
 
 
 if __name__ == "__main__":
-    from analyses.common import script_main
+    from mechun.reproduce import script_main
 
     script_main(run, __doc__)

@@ -19,7 +19,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import organism_dir
+from common import organism
 from transformers import AutoModelForCausalLM
 
 import mechun
@@ -41,10 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    args.model, tmp = organism_dir(args.model)
-    model = mechun.load_model(args.model, device="cpu")
+    args.model, world, model, tmp = organism(args.model)
     bare = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
-    world = mechun.World.load(args.model)
     prompts = [p.text for p in world.prompts()][: args.batch]
     ids, mask = mechun.tokenize(model, prompts)
 

@@ -1,16 +1,17 @@
-"""What the benchmark scripts share: the organism they measure on."""
+"""What the benchmark scripts share: the organism they measure on, set up as the analyses set it up."""
 
 from __future__ import annotations
 
-import os
 import tempfile
+from pathlib import Path
+from typing import Any
 
-from mechun.organism.train import train_organism
+from mechun.reproduce import prepare
 
 
-def organism_dir(path: str | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """``path`` if given; otherwise the tiny organism, trained into a temporary dir (returned, to clean up)."""
-    if path is not None:
-        return path, None
-    tmp = tempfile.TemporaryDirectory()
-    return str(train_organism(os.path.join(tmp.name, "org"), "tiny", seed=0, progress=False)), tmp
+def organism(path: str | None) -> tuple[Path, Any, Any, tempfile.TemporaryDirectory | None]:
+    """The checkpoint, its world and the model on CPU (:func:`mechun.reproduce.prepare`): ``path`` if given,
+    otherwise the tiny organism trained into a temporary dir (returned last, to clean up; else None)."""
+    tmp = None if path is not None else tempfile.TemporaryDirectory()
+    _, ckpt, world, model = prepare(tmp.name if tmp is not None else path, quick=True, seed=0, organism=path)
+    return ckpt, world, model, tmp

@@ -15,7 +15,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import organism_dir
+from common import organism
 from transformer_lens import patching
 
 import mechun
@@ -29,9 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    args.model, tmp = organism_dir(args.model)
-    model = mechun.load_model(args.model, device="cpu")
-    world = mechun.World.load(args.model)
+    args.model, world, model, tmp = organism(args.model)
     facts = world.facts_of(relation="transmission")
     a = facts[0]
     b = next(f for f in facts[1:] if f.answer != a.answer)

@@ -96,13 +96,14 @@ def test_neighbourhood_scores_match_a_hand_computation(tiny_model, tiny_world):
 def test_localized_edit_changes_the_fact_and_restores_nothing_else(tiny_organism_dir, tiny_world):
     """The edit-specificity analysis' building blocks: one localized edit is effective, and the measurement
     code reports static and dynamic neighbourhood scores for it."""
-    from analyses.edit_specificity import edit_once, measure, pick_edits
+    from mechun.reproduce import load_analysis
 
+    es = load_analysis("edit-specificity")
     model = mechun.load_model(tiny_organism_dir, device="cpu")
-    (fact, new), = pick_edits(tiny_world, 1, seed=0)
-    before = measure(model, tiny_world, fact, new)
-    info = edit_once(model, tiny_world, fact, new, steps=30, seed=0)
-    after = measure(model, tiny_world, fact, new)
+    (fact, new), = es.pick_edits(tiny_world, 1, seed=0)
+    before = es.measure(model, tiny_world, fact, new)
+    info = es.edit_once(model, tiny_world, fact, new, steps=30, seed=0)
+    after = es.measure(model, tiny_world, fact, new)
     assert len(info["components"]) == 1 and info["components"][0][0] == "mlp"
     assert before["efficacy"] == 0.0 and after["efficacy"] >= 0.75
     for m in (before, after):
