@@ -9,7 +9,7 @@
 4. Depth: sweep RMU strength (steering coefficient, layer, steps, alpha) over the same seeds and report how much the
    ablation recovers at each setting -- partial recovery marks knowledge removed more deeply than by junk alone.
 
-Run as ``mechun reproduce rmu-shallow --out DIR [--quick] [--seed N]`` or ``python -m analyses.rmu_shallowness``.
+Run as ``mechun reproduce rmu-shallow --out DIR [--quick] [--seed N]`` or ``python analyses/rmu_shallowness.py``.
 Writes ``DIR/results.json``, ``DIR/report.html`` and the checkpoints (``DIR/organism``, ``DIR/rmu_seed*``).
 """
 
