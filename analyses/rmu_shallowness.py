@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mechun.evaluate import FORMATS, chance_accuracy, continuation_nll, evaluate_world, next_token_entropy
+from mechun.evaluate import (
+    FORMATS,
+    chance_accuracy,
+    continuation_nll,
+    evaluate_world,
+    next_token_entropy,
+    retain_accuracy,
+)
 from mechun.junk import JunkRecovery, diagnose_junk, junk_recovery
 from mechun.models import Model, load_model, n_layers
 from mechun.organism.train import mcq_orders_trained
@@ -47,11 +53,6 @@ def settings(quick: bool, layers: int) -> tuple[RMUConfig, list[tuple[str, RMUCo
              (f"{short.steps} steps, layer {min(layers - 1, main.layer + 1)}",
               replace(short, layer=min(layers - 1, main.layer + 1)))]
     return main, sweep
-
-
-def _retain_acc(acc: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean accuracy over the retain domains, per format."""
-    return {f: statistics.fmean(acc[d][f] for d in retain_domains()) for f in FORMATS}
 
 
 def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: bool, base: Model,
@@ -143,7 +144,7 @@ def _aggregate(rows: list[dict], nl: int) -> dict[str, Any]:
     """The seed statistics of the main setting (means, with ``_std`` companions for the headline numbers)."""
     r: dict[str, Any] = {}
     for name, pick in (("forget_accuracy", lambda a, f: a[FORGET][f]),
-                       ("retain_accuracy", lambda a, f: _retain_acc(a)[f])):
+                       ("retain_accuracy", lambda a, f: retain_accuracy(a)[f])):
         train = {c: over_seeds(rows, lambda x, c=c, p=pick: p(x["accuracy"][c], "train")) for c in CONDITIONS}
         r[name] = {c: st.mean for c, st in train.items()}
         r[name + "_std"] = {c: st.std for c, st in train.items()}
@@ -181,7 +182,7 @@ def _sweep_summary(rows: list[dict]) -> dict:
         "norm_ratio_forget": over_seeds(rows, lambda r: r["norm_ratio_forget_at_layer"]).mean,
         "forget_unlearned": train("unlearned").mean,
         "forget_ablated": train("ablated").mean,
-        "retain_unlearned": train("unlearned", _retain_acc).mean,
+        "retain_unlearned": train("unlearned", retain_accuracy).mean,
         "recovery_fraction": rec.mean, "recovery_fraction_std": rec.std, "recovery_per_seed": list(rec.per_seed),
     }
 

@@ -12,7 +12,6 @@ the caller provides.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +43,7 @@ from mechun.evaluate import (
     mcq_accuracy,
     mcq_permutation_scores,
     next_token_logprobs,
+    retain_accuracy,
     robustly_known,
 )
 from mechun.interventions import Intervention, applied
@@ -188,7 +188,7 @@ def _specificity(base: Model, unlearned: Model, world: World, forget: str, inter
         dyn_unl = float(answer_correct(unlearned, dynamic, answers).float().mean())
     acc = behaviour.accuracy
     retain_acc = {
-        "static": {k: statistics.fmean(acc[k][d]["train"] for d in retain_domains()) for k in ("base", "unlearned")},
+        "static": {k: retain_accuracy(acc[k])["train"] for k in ("base", "unlearned")},
         "dynamic": {"base": float(answer_correct(base, dynamic, answers).float().mean()), "unlearned": dyn_unl}}
     return Specificity(nkl["static"], nkl["dynamic"], retain_acc, nkl_filler=nkl["filler"])
 
@@ -232,7 +232,7 @@ def depth_card(base: Model, unlearned: Model, world: World, forget: str, method:
 
     def score(model: Model) -> Scores:
         a = evaluate_world(model, world, domains=[forget, *retain_domains()])
-        return {"forget": a[forget], "retain": {f: statistics.fmean(a[d][f] for d in retain_domains()) for f in FORMATS}}
+        return {"forget": a[forget], "retain": retain_accuracy(a)}
 
     before = {k: {"forget": behaviour.accuracy[k][forget]} for k in ("base", "unlearned")}
     junk = _junk_section(base, unlearned, diag, score, before, intervention, cfg, steering is not None)
