@@ -182,9 +182,9 @@ def _all_or_none(parser: Parser, args: argparse.Namespace, options: Sequence[str
 
 
 def _fresh_out(out: str | Path) -> None:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    from mechun.io import check_new_dir
+
+    check_new_dir(out)
 
 
 # -- organism --------------------------------------------------------------------------------------------------------
@@ -336,6 +336,7 @@ def _cmd_junk(args: argparse.Namespace) -> int:
     from mechun.data import read_prompts
     from mechun.junk import junk_pair_job, junk_prompts_job
 
+    _fresh_out(args.out)
     if args.forget_prompts:
         forget, retain = read_prompts(args.forget_prompts), read_prompts(args.retain_prompts)
         r = junk_prompts_job(args.base, args.unlearned, Path(args.out), forget, retain, layer=args.layer,

@@ -38,3 +38,12 @@ def load_tensors(path: str | Path, key: str, what: str) -> tuple[dict[str, Tenso
     if raw is None:
         raise MechunError(f"{path} is a safetensors file but not a mechun {what} (no {key!r} header)")
     return load_file(str(path)), json.loads(raw)
+
+
+def check_new_dir(out: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that is a file or a non-empty dir: mechun never replaces what it
+    did not write."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new {option}")
+    return out

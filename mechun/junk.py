@@ -258,10 +258,11 @@ def _norm_figure(diag: JunkDiagnosis, layer: int | None = None) -> Any:
 def junk_prompts_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Path, forget_prompts: list[str],
                      retain_prompts: list[str], layer: int | None = None, **load_kwargs: Any) -> dict:
     """Diagnosis only, for any pair of checkpoints (e.g. zephyr-7b-beta vs Zephyr_RMU) on your own prompts."""
+    from mechun.io import check_new_dir
     from mechun.models import load_model
     from mechun.report import write_report
 
-    out = Path(out)
+    out = check_new_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     base, unl = load_model(base_dir, **load_kwargs), load_model(unlearned_dir, **load_kwargs)
     diag = diagnose_junk(base, unl, forget_prompts, retain_prompts, progress=True)
@@ -281,12 +282,13 @@ def junk_pair_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Pa
     """Diagnosis and recovery (with both controls) for an organism pair, on the world's cloze prompts. The layer
     defaults to ``rmu.json``'s RMU layer, else the peak of the forget norm ratio."""
     from mechun.evaluate import FORMATS, evaluate_world
+    from mechun.io import check_new_dir
     from mechun.models import load_model
     from mechun.organism.world import DOMAINS, World, retain_domains
     from mechun.report import table, write_report
     from mechun.rmu import load_steering
 
-    out = Path(out)
+    out = check_new_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     world = World.load(base_dir)
     base, unl = load_model(base_dir, device="cpu"), load_model(unlearned_dir, device="cpu")

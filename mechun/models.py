@@ -198,9 +198,9 @@ def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, 
     ``extra_files`` maps file names to JSON-serialisable objects written beside the weights."""
     from transformers import AutoModelForCausalLM
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out or remove it first")
+    from mechun.io import check_new_dir
+
+    out = check_new_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -172,12 +172,14 @@ def test_missing_prompt_file_is_a_runtime_error_naming_it(tmp_path, capsys):
     assert code == 2 and err.startswith("mechun: error: no file at") and "p.txt" in err and not out.exists()
 
 
-def test_non_empty_out_is_refused_before_loading(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [RMU, ["junk", "--base", NOPE, "--unlearned", NOPE]], ids=["rmu", "junk"])
+def test_non_empty_out_is_refused_before_loading(argv, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    code = cli.main([*RMU, "--out", str(tmp_path / "out")])
+    code = cli.main([*argv, "--out", str(tmp_path / "out")])
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 # -- read_prompts ----------------------------------------------------------------------------------------------------

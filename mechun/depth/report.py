@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechun.depth.card import DepthCard, ProbeSection, RelearningSection, SeedMeanCard
+from mechun.io import check_new_dir
 from mechun.models import publish_dir
 from mechun.plots import layer_lines, step_lines
 from mechun.report import table, write_report
@@ -79,9 +80,7 @@ def card_blocks(card: DepthCard | SeedMeanCard, heading: str = "") -> list:
 
 def write_card(card: DepthCard, out_dir: str | Path, title: str | None = None) -> Path:
     """Write ``card.json`` and ``report.html`` into the new dir ``out_dir``, all or nothing."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    out = check_new_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
