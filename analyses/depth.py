@@ -29,6 +29,7 @@ from mechun.depth import (
     write_card,
 )
 from mechun.edit import localized_finetune, top_mlp_mask
+from mechun.io import write_json
 from mechun.localize import mlp_trace_scores
 from mechun.models import Model, load_model, n_layers, save_model
 from mechun.organism.train import mcq_orders_trained
@@ -110,7 +111,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     results.update({m: agg[m].to_json() for m in METHODS})
     results["comparison"] = {m: agg[m].summary for m in METHODS}
     results["verdict"] = " | ".join(f"{m}: {agg[m].mean.verdict.line}" for m in METHODS)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", f"Unlearning depth: RMU vs localized fine-tuning on '{FORGET}' "
                  f"({len(seeds)} seeds)", report_blocks(results, agg), results=None)
     return results

@@ -17,7 +17,6 @@ Run as ``mechun reproduce edit-specificity --out DIR [--quick] [--seed N]``.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from mechun import plots
 from mechun.edit import localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy, neighbourhood_scores, next_token_logprobs
+from mechun.io import write_json
 from mechun.localize import mlp_trace_scores
 from mechun.models import bare_forward_view, load_model, model_fingerprint
 from mechun.organism.world import Fact, World, other_values, relation
@@ -128,7 +128,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
                f"nats.")
     results = {"seeds": seeds, "n_edits_per_seed": n_edits, "steps": steps, "organism": str(ckpt),
                "summary": summary, "dynamic_lower_than_static": lower, "verdict": verdict, "edits": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", "Static vs dynamic neighbourhood scores of localized edits (CounterFact+)",
                  report_blocks(results), results=None)
     return results

@@ -15,7 +15,6 @@ Run as ``mechun reproduce localized-editing --out DIR [--quick] [--seed N]``. Wr
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from mechun import plots
 from mechun.edit import component_mask, full_mask, localized_finetune, mask_from_scores, random_mask, relearn
 from mechun.evaluate import cloze_accuracy, mcq_accuracy
+from mechun.io import write_json
 from mechun.localize import (
     activation_patching,
     attribution_patching,
@@ -176,7 +176,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         f"parameter count ({budget} parameters), mean over seeds {seeds}. Causal tracing peaks: "
         + "; ".join(f"{k} at layer {v['layer']}, token {v['position']} (IE {v['indirect_effect']:.2f})"
                     for k, v in peaks.items()) + ".")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", "Localized unlearning: fact lookup vs output tracing", _blocks(results, loc),
                  results=results)
     return results

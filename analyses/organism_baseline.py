@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mechun import plots
 from mechun.evaluate import chance_accuracy, evaluate_world
+from mechun.io import write_json
 from mechun.models import model_fingerprint
 from mechun.organism.world import DOMAINS
 from mechun.report import table, write_report
@@ -31,7 +32,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         "seeds": [seed], "config": {"preset": preset, "quick": quick},
     }
     rows = [{"domain": d, "kind": DOMAINS[d], **a} for d, a in accuracy.items()]
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", "mechun: the model organism and what it knows", [
         "<p>A GPT-2-architecture model trained by mechun on a synthetic knowledge world (two forget-candidate "
         "domains, two retain domains). <b>train</b>: the trained cloze templates; <b>paraphrase</b>: held-out "

@@ -20,7 +20,6 @@ Run as ``mechun reproduce restore --out DIR [--quick] [--seed N]``.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from mechun import plots
 from mechun.edit import full_mask, localized_finetune, top_mlp_mask
 from mechun.evaluate import cloze_accuracy
+from mechun.io import write_json
 from mechun.junk import recovery_fraction
 from mechun.localize import mlp_trace_scores
 from mechun.models import load_model, n_layers, save_model
@@ -144,7 +144,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     results = {"domain": DOMAIN, "seeds": seeds, "methods": list(METHODS), "summary": summary,
                "corrupted": {"true": corrupted_true, "false": corrupted_false}, "corrupted_over_seeds": corrupted,
                "verdict": verdict, "runs": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     fig = plots.grouped_bars(list(METHODS), {label: [seed_stat(summary[m][key]["per_seed"]) for m in METHODS]
                                              for key, label in (("false_after", "false values stated"),
                                                                 ("true_after", "true values restored"),

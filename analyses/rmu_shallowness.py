@@ -15,7 +15,6 @@ Writes ``DIR/results.json``, ``DIR/report.html`` and the checkpoints (``DIR/orga
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from mechun.evaluate import (
     next_token_entropy,
     retain_accuracy,
 )
+from mechun.io import write_json
 from mechun.junk import JunkRecovery, diagnose_junk, junk_recovery
 from mechun.models import Model, load_model, n_layers
 from mechun.organism.train import mcq_orders_trained
@@ -130,7 +130,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         s["setting"] for s in sweep_rows
         if s["forget_unlearned"] <= chance_accuracy("train") + 0.1 and s["recovery_fraction"] < 0.7]
     results["verdict"] = verdict(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", "RMU is mostly shallow: junk-direction diagnosis on the model organism",
                  report_blocks(results), results=results)
     return results

@@ -12,13 +12,13 @@ Run as ``mechun reproduce sae-unlearning --out DIR [--quick] [--seed N]``. Write
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mechun import plots
 from mechun.evaluate import FORMATS, continuation_nll, evaluate_world, retain_accuracy
+from mechun.io import write_json
 from mechun.models import load_model, n_layers
 from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import World
@@ -140,7 +140,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         f"so clamping {'does' if clamp_better else 'does not'} unlearn meaningfully more than zero-ablation here "
         f"(mean ± std over seeds {seeds}). Features passing the selection rule per seed: "
         f"{[len(v or []) for v in results['features'].values()]}.")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_report(out / "report.html", "SAE unlearning: negative clamping vs zero-ablation", _blocks(results),
                  results=results)
     return results

@@ -4,7 +4,7 @@ Quick start::
 
     import mechun
     model = mechun.load_model("runs/organism")            # a local HF checkpoint dir or a hub name
-    cache = mechun.cache_residuals(model, ["veshix gritam is transmitted by"], layers=[2, 3])
+    cache = mechun.cache_residuals(model, [p.text for p in world.prompts("pathogen")], layers=[2, 3])
     with mechun.project_out(model, direction, layers=[3, 4, 5]):
         print(mechun.evaluate_world(model, world))
 """

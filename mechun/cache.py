@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
 from mechun.hooks import FAST_KINDS, StopForward, bare_layer_hooks, hooks
-from mechun.io import load_tensors, save_tensors
+from mechun.io import check_out_file, load_tensors, save_tensors, tensors_header
 from mechun.models import (
     HookKind,
     Model,
     check_layer,
     check_same_model,
+    check_token_ids,
     hook_name,
     hook_points_in_use,
     model_device,
@@ -93,7 +94,10 @@ class ResidualCache:
     def check_model(self, model: Model) -> None:
         check_same_model(model, self.fingerprint, "this cache")
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a safetensors file, whole or not at all. An existing file is replaced only with ``overwrite`` and
+        only if it is a mechun cache (a checkpoint's ``model.safetensors`` never is)."""
+        check_out_file(path, overwrite, is_mine=is_cache_file, option="path", need_bytes=self.nbytes())
         tensors = {"acts": self.acts}
         if self.mask is not None:
             tensors["mask"] = self.mask
@@ -104,6 +108,10 @@ class ResidualCache:
                   "meta": self.meta}
         return save_tensors(path, tensors, "mechun", header)
 
+    def nbytes(self) -> int:
+        """About the size of the saved file."""
+        return sum(t.numel() * t.element_size() for t in (self.acts, self.mask, self.index) if t is not None) + 65536
+
     @classmethod
     def load(cls, path: str | Path) -> ResidualCache:
         t, header = load_tensors(path, "mechun", "ResidualCache")
@@ -112,6 +120,11 @@ class ResidualCache:
         return cls(acts=t["acts"], layers=header["layers"], hook_names=header["hook_names"],
                    fingerprint=header["fingerprint"], positions=header["positions"], prompts=header["prompts"],
                    mask=t.get("mask"), index=t.get("index"), meta=header.get("meta", {}))
+
+
+def is_cache_file(path: str | Path) -> bool:
+    """Whether ``path`` is a :class:`ResidualCache` file that mechun wrote."""
+    return (tensors_header(path, "mechun") or {}).get("format") == _FORMAT
 
 
 def _select_positions(positions: str | int | Sequence[int], mask: Int[Tensor, "batch pos"],
@@ -143,10 +156,11 @@ def _inputs(model: Model, prompts_or_tokens: Sequence[str] | Int[Tensor, "batch 
         ids = prompts_or_tokens
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[0] == 0:
             raise MechunError(f"tokens must be a non-empty integer tensor of shape batch x pos, got {tuple(ids.shape)}")
+        check_token_ids(model, ids)
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
         prompts = None
-    else:
-        prompts = list(prompts_or_tokens)
+    else:  # one string is one prompt (as in TransformerLens), never a sequence of one-letter prompts
+        prompts = [prompts_or_tokens] if isinstance(prompts_or_tokens, str) else list(prompts_or_tokens)
         ids, mask = tokenize(model, prompts)
     return ids, mask.to(torch.long), prompts
 

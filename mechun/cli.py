@@ -150,12 +150,27 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw | ({"dtype": dtype} if dtype else {})
 
 
+def _world(args: argparse.Namespace, model_dir: str) -> Any:
+    """The organism world for ``model_dir``: ``--world`` if given (it must match the one the checkpoint carries),
+    else the checkpoint's own ``world.json``."""
+    from mechun.models import resolve_source
+    from mechun.organism.world import World, check_world_for
+
+    resolve_source(model_dir)  # a missing dir, a file or a dir without config.json: say so before reading world.json
+    world = World.load(args.world or model_dir)
+    if args.world:
+        check_world_for(world, model_dir)
+    return world
+
+
 def _world_option(p: Parser, where: str = "--model", what: str = "world.json") -> None:
     p.add_argument("--world", help=f"{what} (default: the one in {where})")
 
 
 def _out_option(p: Parser, help: str, required: bool = True) -> None:
     p.add_argument("--out", required=required, help=help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier mechun output at --out (never a file mechun did not write)")
 
 
 def _seed_option(p: Parser) -> None:
@@ -167,9 +182,11 @@ def _progress_option(p: Parser) -> None:
 
 
 def _command(p: Parser, func: Callable[[argparse.Namespace], int],
-             check: Callable[[Parser, argparse.Namespace], None] | None = None) -> None:
-    """Register the handler and the cross-option check; ``main`` runs the check with this (sub)parser."""
-    p.set_defaults(func=func, check=check, parser=p)
+             check: Callable[[Parser, argparse.Namespace], None] | None = None, out: str | None = "dir") -> None:
+    """Register the handler, the cross-option check (``main`` runs it with this (sub)parser) and what ``--out`` is
+    (``"dir"``, ``"file"`` or None), which ``main`` checks before the handler runs."""
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
+    p.set_defaults(func=func, check=check, parser=p, out_kind=out)
 
 
 def _all_or_none(parser: Parser, args: argparse.Namespace, options: Sequence[str], mode: str) -> bool:
@@ -179,12 +196,6 @@ def _all_or_none(parser: Parser, args: argparse.Namespace, options: Sequence[str
         missing = [o for o in options if o not in given]
         parser.error(f"{mode} needs all of {', '.join(options)}; missing {', '.join(missing)}")
     return bool(given)
-
-
-def _fresh_out(out: str | Path) -> None:
-    from mechun.io import check_new_dir
-
-    check_new_dir(out)
 
 
 # -- organism --------------------------------------------------------------------------------------------------------
@@ -203,7 +214,8 @@ def _add_organism(sub: Subparsers) -> None:
 def _cmd_organism_train(args: argparse.Namespace) -> int:
     from mechun.organism.train import train_organism
 
-    out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress)
+    out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress,
+                         overwrite=args.overwrite)
     print(f"saved model organism to {out}", file=sys.stderr)
     return 0
 
@@ -216,16 +228,17 @@ def _add_eval(sub: Subparsers) -> None:
     p.add_argument("--domains", help="comma-separated domains (default: all)")
     _model_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _command(p, _cmd_eval)
+    _command(p, _cmd_eval, out=None)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
-    from mechun.organism.world import DOMAINS, World
+    from mechun.organism.world import DOMAINS
 
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
     acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None)
     if args.json:
         print(json.dumps({"model": args.model, "accuracy": acc}))
@@ -253,7 +266,7 @@ def _add_cache(sub: Subparsers) -> None:
     _model_options(p)
     _out_option(p, "the .safetensors file to write")
     _progress_option(p)
-    _command(p, _cmd_cache)
+    _command(p, _cmd_cache, out="file")
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -265,7 +278,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     model = load_model(args.model, **_load_kwargs(args))
     cache = cache_residuals(model, prompts, layers=args.layers, positions=args.positions, batch_size=args.batch_size,
                             hook=args.hook, progress=not args.no_progress)
-    cache.save(args.out)
+    cache.save(args.out, overwrite=args.overwrite)
     print(f"cached {tuple(cache.acts.shape)} ({cache.hook_names[0]}..) to {args.out}", file=sys.stderr)
     return 0
 
@@ -297,19 +310,18 @@ def _cmd_rmu(args: argparse.Namespace) -> int:
 
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
-    from mechun.organism.world import World
     from mechun.rmu import rmu_unlearn, save_unlearned
 
-    _fresh_out(args.out)
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     forget = args.forget.split(",")
     cfg = RMUConfig(forget, layer=args.layer, steering_coeff=args.steering_coeff, alpha=args.alpha, lr=args.lr,
                     steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     model, frozen = load_model(args.model, **_load_kwargs(args)), load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
     forget_texts, retain = world.corpora(forget, mcq_per_fact=mcq_orders_trained(args.model))
     res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
     save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]},
-                   files={"world.json": world.to_json()})
+                   files={"world.json": world.to_json()}, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "config": dataclasses.asdict(res.config), "final_loss": res.losses[-1]}))
     return 0
 
@@ -336,14 +348,14 @@ def _cmd_junk(args: argparse.Namespace) -> int:
     from mechun.data import read_prompts
     from mechun.junk import junk_pair_job, junk_prompts_job
 
-    _fresh_out(args.out)
     if args.forget_prompts:
         forget, retain = read_prompts(args.forget_prompts), read_prompts(args.retain_prompts)
         r = junk_prompts_job(args.base, args.unlearned, Path(args.out), forget, retain, layer=args.layer,
-                             **_load_kwargs(args))
+                             overwrite=args.overwrite, **_load_kwargs(args))
         print(json.dumps({"out": args.out, "layer": r["layer"], "norm_ratio_forget": r["norm_ratio_forget"]}))
         return 0
-    r = junk_pair_job(Path(args.base), Path(args.unlearned), Path(args.out), forget=args.forget, layer=args.layer)
+    r = junk_pair_job(Path(args.base), Path(args.unlearned), Path(args.out), forget=args.forget, layer=args.layer,
+                      overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "layer": r["layer"],
                       "recovery_fraction_by_format": r["recovery_fraction_by_format"]}))
     return 0
@@ -379,7 +391,7 @@ def _add_localize(sub: Subparsers) -> None:
     _seed_option(p)
     _model_options(p)
     _out_option(p, "write the JSON here too", required=False)
-    _command(p, _cmd_localize, _check_localize)
+    _command(p, _cmd_localize, _check_localize, out="file")
 
 
 def _check_localize(parser: Parser, args: argparse.Namespace) -> None:
@@ -406,9 +418,8 @@ def _localize_trace(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     subjects = None
     if args.noise_rule == "subjects" and (args.world or (Path(args.model) / "world.json").is_file()):
-        from mechun.organism.world import World
 
-        subjects = sorted(World.load(args.world or args.model).subjects)  # ROME: every subject of the dataset
+        subjects = sorted(_world(args, args.model).subjects)  # ROME: every subject of the dataset
     res = causal_trace(model, args.prompt, args.answer, args.subject, kind=args.kind, samples=args.samples,
                        seed=args.seed, noise_rule=args.noise_rule, subjects=subjects)
     return {"method": args.method, "hook": res.hook, "tokens": res.tokens, "scores": res.scores.tolist(),
@@ -419,9 +430,9 @@ def _localize_trace(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _localize_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mechun.localize import probe_layers
-    from mechun.organism.world import World, relation
+    from mechun.organism.world import relation
 
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     rel = relation(args.relation)
     facts = world.facts_of(relation=args.relation)
     held = {f.subject for f in facts[: max(1, len(facts) // 3)]}
@@ -437,10 +448,12 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, **_load_kwargs(args))
     run = {"causal-tracing": _localize_trace, "probing": _localize_probe}.get(args.method, _localize_patching)
-    text = json.dumps(run(model, args))
+    result = {**run(model, args), "mechun": {"command": "localize", "model": str(args.model)}}
     if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+        from mechun.io import write_json
+
+        write_json(args.out, result, indent=None)
+    print(json.dumps(result))
     return 0
 
 
@@ -478,16 +491,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from mechun.edit import component_mask, full_mask
     from mechun.errors import MechunError
     from mechun.evaluate import cloze_accuracy
-    from mechun.models import load_model, save_model
-    from mechun.organism.world import World
+    from mechun.models import load_model, save_model, word_ids
 
-    _fresh_out(args.out)
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     subjects = [s.strip() for s in args.subjects.split(";") if s.strip()]
     facts = [f for f in world.facts_of(relation=args.relation) if f.subject in subjects]
     if len(facts) != len(subjects):
         raise MechunError(f"not every subject has a {args.relation!r} fact in the world: {subjects}")
     model = load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
+    if args.new_answer:
+        word_ids(model, args.new_answer, "--new-answer")
     if args.components == "all":
         mask = full_mask(model)
     else:
@@ -502,7 +516,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     info = {"mode": args.mode, "relation": args.relation, "subjects": subjects, "new_answer": args.new_answer,
             "mask": mask.to_json(), "steps": args.steps, "lr": args.lr, "seed": args.seed, "base_model": args.model,
             "edited_accuracy": cloze_accuracy(model, prompts), "other_accuracy": cloze_accuracy(model, others)}
-    save_model(model, args.out, extra_files={"edit.json": info, "world.json": world.to_json()})
+    save_model(model, args.out, extra_files={"edit.json": info, "world.json": world.to_json()},
+               overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in info.items() if k != "mask"} | {"n_params": mask.n_params}))
     return 0
 
@@ -537,16 +552,15 @@ def _add_sae_train(sub: Subparsers) -> None:
 def _cmd_sae_train(args: argparse.Namespace) -> int:
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
-    from mechun.organism.world import World
     from mechun.sae import save_sae
 
-    _fresh_out(args.out)
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
     sae = train_sae(model, world.training_texts(mcq_orders_trained(args.model)), layer=args.layer,
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, training_tokens=args.tokens,
                     seed=args.seed)
-    save_sae(sae, args.out)
+    save_sae(sae, args.out, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "layer": args.layer, "architecture": args.architecture, "d_sae": args.d_sae}))
     return 0
 
@@ -566,18 +580,18 @@ def _add_sae_unlearn(sub: Subparsers) -> None:
                    help="clamp: -m; scale: -k (default: %(default)s)")
     _world_option(p)
     _model_options(p)
-    _command(p, _cmd_sae_unlearn)
+    _command(p, _cmd_sae_unlearn, out=None)
 
 
 def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
-    from mechun.organism.world import World
     from mechun.sae import feature_stats, load_sae
 
-    world = World.load(args.world or args.model)
+    world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
     sae = load_sae(args.sae)
     forget, retain = world.corpora([args.forget], mcq_per_fact=mcq_orders_trained(args.model))
     feats = select_features(feature_stats(model, sae, forget[args.forget]), feature_stats(model, sae, retain),
@@ -644,12 +658,12 @@ def _depth_organism_card(args: argparse.Namespace, cfg: DepthConfig,
 
     from mechun.depth import depth_card
     from mechun.models import load_model
-    from mechun.organism.world import World
     from mechun.rmu import load_steering
 
-    world = World.load(args.world or args.base)
+    world = _world(args, args.base)
     base = load_model(args.base, **_load_kwargs(args))
     unlearned = load_model(args.unlearned, **_load_kwargs(args))
+    world.check_model(base)
     steering = None
     if (Path(args.unlearned) / "rmu.json").is_file():
         steering = load_steering(args.unlearned).get(args.forget)
@@ -661,13 +675,12 @@ def _depth_organism_card(args: argparse.Namespace, cfg: DepthConfig,
 def _cmd_depth(args: argparse.Namespace) -> int:
     from mechun.depth import write_card
 
-    _fresh_out(args.out)
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr))
     cfg = DepthConfig(seed=args.seed, junk_layer=args.layer)
     make = _depth_benchmark_card if args.forget_mcq else _depth_organism_card
     card = make(args, cfg, log)
     card.models = {"base": str(args.base), "unlearned": str(args.unlearned)}
-    write_card(card, Path(args.out))
+    write_card(card, Path(args.out), overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), "verdict": card.verdict.line if card.verdict else None}))
     return 0
 
@@ -698,7 +711,7 @@ def _add_reproduce(sub: Subparsers) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from mechun.reproduce import reproduce
 
-    out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed)
+    out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {out / 'report.html'} and {out / 'results.json'}", file=sys.stderr)
     return 0
 
@@ -713,20 +726,93 @@ def build_parser() -> Parser:
     return p
 
 
+def _is_localize_json(path: Path) -> bool:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("mechun") or {}).get("command") == "localize"
+
+
+def _expected_bytes(args: argparse.Namespace) -> int:
+    """A lower bound of what the command writes, for the free-space check before the work: a checkpoint-writing
+    command writes about the input checkpoint's weights again."""
+    if args.command in ("rmu", "edit"):
+        model = Path(args.model)
+        return sum(f.stat().st_size for f in model.glob("*.safetensors")) + 1_000_000 if model.is_dir() else 0
+    return {"organism": 5_000_000, "reproduce": 20_000_000}.get(args.command, 1_000_000)
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """What can be checked before any work: the output path (writable, and not something mechun would have to
+    replace without being asked or allowed) and the device."""
+    from mechun.cache import is_cache_file
+    from mechun.io import check_out_dir, check_out_file
+    from mechun.models import check_device
+
+    out = getattr(args, "out", None)
+    if out is not None and args.out_kind == "dir":
+        check_out_dir(out, args.overwrite, need_bytes=_expected_bytes(args))
+    elif out is not None and args.out_kind == "file":
+        is_mine = is_cache_file if args.command == "cache" else _is_localize_json
+        check_out_file(out, args.overwrite, is_mine=is_mine, need_bytes=_expected_bytes(args))
+    if getattr(args, "device", None):
+        check_device(args.device)
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar the failed work left open, so the error is the last line on stderr."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _error_line(e: BaseException) -> str:
+    """One line naming the problem (and, from mechun's own errors, the fix)."""
+    from mechun.errors import MechunError
+    from mechun.io import is_disk_full
+
+    if is_disk_full(e):
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        return (f"no space left on the disk{where}; nothing was written (outputs appear whole or not at all); "
+                "free some space or choose another --out")
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    elif isinstance(e, MechunError | OSError):
+        text = str(e)
+    else:
+        text = (f"unexpected {type(e).__name__}: {e} -- an input mechun does not check yet or a bug; rerun with "
+                "--debug for the traceback and report it")
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse (usage errors exit 2 here, before any work), then run the command; a runtime error prints
-    ``mechun: error: ...`` and returns 2."""
+    """Parse (usage errors exit 2 here, before any work), check the output and device, then run the command.
+
+    Exit status: 0 success, 2 usage error (argparse prints the usage line), 1 any other error (one line
+    ``mechun: error: ...``; ``--debug`` adds the traceback), 130 interrupted (Ctrl-C). Outputs are written whole or
+    not at all, so a failed or interrupted command leaves no partial file."""
     args = build_parser().parse_args(argv)
     if args.check is not None:
         args.check(args.parser, args)
     _quiet_transformers()
-    from mechun.errors import MechunError
-
     try:
+        _preflight(args)
         return args.func(args)
-    except (MechunError, FileNotFoundError, FileExistsError) as e:
-        print(f"mechun: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print("mechun: interrupted; nothing partial was written (outputs appear whole or not at all)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        _close_progress_bars()
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"mechun: error: {_error_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

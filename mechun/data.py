@@ -394,14 +394,10 @@ def read_prompts(path: str | Path) -> list[str]:
 
 # -- writing ---------------------------------------------------------------------------------------------------------
 def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
-    """One JSON object per line, written to ``PATH.partial`` and renamed so a failure never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(dict(r), ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """One JSON object per line, written whole or not at all (:func:`mechun.io.atomic_file`)."""
+    from mechun.io import atomic_file
+
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(dict(r), ensure_ascii=False) + "\n")
+    return Path(path)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
 from mechun.evaluate import cloze_accuracy
-from mechun.models import Model, bare_forward_view, check_layer, model_device, n_layers, tokenize
+from mechun.models import Model, bare_forward_view, check_layer, model_device, n_layers, tokenize, word_ids
 from mechun.organism.world import Prompt
 
 #: A component is ``(kind, layer)``: a decoder layer's MLP or its attention block.
@@ -141,7 +141,7 @@ def _answer_logprobs(bare: torch.nn.Module, model: Model, prompts: Sequence[str]
     dev = model_device(model)
     logits = bare(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
     last = logits[torch.arange(len(prompts), device=dev), mask.sum(1).to(dev) - 1].log_softmax(-1)
-    targets = [model.tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in answers]
+    targets = [word_ids(model, a, "answer")[0] for a in answers]
     return last.gather(-1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
 
 

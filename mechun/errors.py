@@ -1,4 +1,8 @@
-"""Typed errors. Each message names the fix."""
+"""Typed errors. Each message names the problem and the fix, in one line.
+
+All are :class:`MechunError` (a ``ValueError``), so ``except MechunError`` catches every refusal mechun makes; the
+command line prints them as ``mechun: error: ...`` and exits with status 1.
+"""
 
 
 class MechunError(ValueError):
@@ -6,4 +10,25 @@ class MechunError(ValueError):
 
 
 class ModelMismatchError(MechunError):
-    """An artifact (cache, direction, SAE) was computed on a different model than the one given."""
+    """An artifact (cache, direction, SAE, world) was made for a different model than the one given."""
+
+
+class OutputError(MechunError):
+    """An output mechun must not write (it would replace something mechun did not write) or cannot write."""
+
+
+class DamagedFileError(MechunError):
+    """A file mechun reads is truncated or corrupt."""
+
+
+class CheckpointError(DamagedFileError):
+    """A checkpoint dir that would load wrongly: missing or unexpected weights, non-finite weights, or a tokenizer
+    that cannot encode text."""
+
+
+class VocabularyError(MechunError):
+    """A word (answer, subject, new object) the tokenizer can only encode as its unknown token."""
+
+
+class DeviceError(MechunError):
+    """A device that this machine does not have."""

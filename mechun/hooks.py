@@ -46,8 +46,18 @@ def hooks(model: Model, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Non
             h.remove()
 
 
+def _library_internal(fn: object) -> bool:
+    """A hook the libraries install on themselves and keep: TransformerLens' bridge wires capture hooks on its first
+    forward, ``transformers`` installs output-capturing hooks the first time hidden states or attentions are
+    requested (e.g. by ``run_with_cache``). Hooks registered through hook points (mechun's, the user's, TL's
+    ``run_with_hooks``) come from other modules and are counted."""
+    return (getattr(fn, "__module__", None) or "").startswith(("transformer_lens.model_bridge", "transformers."))
+
+
 def count_hooks(model: Model) -> int:
-    """Number of torch hooks registered anywhere in the model or its unwrapped HF view (for leak checks)."""
+    """Number of torch hooks registered anywhere in the model or its unwrapped HF view (for leak checks): mechun's,
+    the user's and TransformerLens hook-point hooks; the bridge's own internal hooks, which it adds on its first
+    forward and keeps, and ``transformers``' output-capturing hooks are not counted (they are not a leak)."""
     import itertools
 
     seen, n = set(), 0
@@ -55,8 +65,8 @@ def count_hooks(model: Model) -> int:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        n += len(getattr(m, "_backward_pre_hooks", {}))
+        for table in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", {})):
+            n += sum(not _library_internal(fn) for fn in table.values())
     return n
 
 

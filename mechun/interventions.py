@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mechun.errors import MechunError
 from mechun.hooks import hooks
-from mechun.io import load_tensors, save_tensors
+from mechun.io import check_out_file, load_tensors, save_tensors, tensors_header
 from mechun.models import HookKind, Model, check_layer, check_same_model, d_model, hook_name, n_layers
 
 Intervention = Callable[[], AbstractContextManager]
@@ -50,7 +50,11 @@ class Direction:
     layer: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (saved in the file's header)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a safetensors file, whole or not at all; an existing file is replaced only with ``overwrite`` and
+        only if it is a saved :class:`Direction`."""
+        check_out_file(path, overwrite, is_mine=lambda p: tensors_header(p, "mechun.Direction") is not None,
+                       option="path")
         header = {"fingerprint": self.fingerprint, "layer": self.layer, "meta": self.meta}
         return save_tensors(path, {"vector": self.vector}, "mechun.Direction", header)
 
@@ -96,7 +100,7 @@ def _per_layer(model: Model, directions: DirectionLike | Mapping[int, DirectionL
     if isinstance(directions, Mapping):
         if layers is not None:
             raise MechunError("pass per-layer directions as a dict *or* layers=, not both")
-        return {check_layer(model, int(k)): _validate(model, v, f"direction for layer {k}")
+        return {check_layer(model, k): _validate(model, v, f"direction for layer {k}")
                 for k, v in directions.items()}
     vec = _validate(model, directions, "direction")
     if layers is None:
@@ -105,7 +109,7 @@ def _per_layer(model: Model, directions: DirectionLike | Mapping[int, DirectionL
         layers = [layers]
     if len(layers) == 0:
         raise MechunError("layers is empty; pass None for every layer")
-    return {check_layer(model, int(layer)): vec for layer in layers}
+    return {check_layer(model, layer): vec for layer in layers}
 
 
 def _position_selector(positions: Positions, act: Tensor

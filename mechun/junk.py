@@ -256,40 +256,40 @@ def _norm_figure(diag: JunkDiagnosis, layer: int | None = None) -> Any:
 
 
 def junk_prompts_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Path, forget_prompts: list[str],
-                     retain_prompts: list[str], layer: int | None = None, **load_kwargs: Any) -> dict:
+                     retain_prompts: list[str], layer: int | None = None, overwrite: bool = False,
+                     **load_kwargs: Any) -> dict:
     """Diagnosis only, for any pair of checkpoints (e.g. zephyr-7b-beta vs Zephyr_RMU) on your own prompts."""
-    from mechun.io import check_new_dir
+    from mechun.io import atomic_dir, check_out_dir, write_json
     from mechun.models import load_model
     from mechun.report import write_report
 
-    out = check_new_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, overwrite)
     base, unl = load_model(base_dir, **load_kwargs), load_model(unlearned_dir, **load_kwargs)
     diag = diagnose_junk(base, unl, forget_prompts, retain_prompts, progress=True)
     layer = diag.peak_layer() if layer is None else check_layer(base, layer)
-    diag.direction(layer).save(out / "junk_direction.safetensors")
     results = {"base": str(base_dir), "unlearned": str(unlearned_dir), "layer": layer,
                "norm_ratio_forget": diag.norm_ratio_forget, "norm_ratio_retain": diag.norm_ratio_retain,
                "explained": diag.explained, "n_forget_tokens": diag.n_forget_tokens}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(out / "report.html", f"Junk diagnosis: {unlearned_dir} vs {base_dir}", [_norm_figure(diag, layer)],
-                 results=results)
+    with atomic_dir(out, "junk diagnosis", overwrite) as tmp:
+        diag.direction(layer).save(tmp / "junk_direction.safetensors")
+        write_json(tmp / "results.json", results)
+        write_report(tmp / "report.html", f"Junk diagnosis: {unlearned_dir} vs {base_dir}",
+                     [_norm_figure(diag, layer)], results=results)
     return results
 
 
 def junk_pair_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Path, forget: str | None = None,
-                  layer: int | None = None) -> dict:
+                  layer: int | None = None, overwrite: bool = False) -> dict:
     """Diagnosis and recovery (with both controls) for an organism pair, on the world's cloze prompts. The layer
     defaults to ``rmu.json``'s RMU layer, else the peak of the forget norm ratio."""
     from mechun.evaluate import FORMATS, evaluate_world
-    from mechun.io import check_new_dir
+    from mechun.io import atomic_dir, check_out_dir, write_json
     from mechun.models import load_model
     from mechun.organism.world import DOMAINS, World, retain_domains
     from mechun.report import table, write_report
     from mechun.rmu import load_steering
 
-    out = check_new_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, overwrite)
     world = World.load(base_dir)
     base, unl = load_model(base_dir, device="cpu"), load_model(unlearned_dir, device="cpu")
     rmu_json = Path(unlearned_dir) / "rmu.json"
@@ -304,15 +304,16 @@ def junk_pair_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Pa
     layer = layer if layer is not None else meta.get("config", {}).get("layer")
     rec = junk_recovery(base, unl, diag, lambda m: evaluate_world(m, world), forget=forget, layer=layer,
                         controls=("random", "base"))
-    rec.direction.save(out / "junk_direction.safetensors")
     results = {"base": str(base_dir), "unlearned": str(unlearned_dir), "forget_domain": forget, "layer": rec.layer,
                "norm_ratio_forget": diag.norm_ratio_forget, "norm_ratio_retain": diag.norm_ratio_retain,
                "cos_direction_steering": diag.cos_with_steering["mean_diff"], "explained": diag.explained,
                "accuracy": rec.scores, "recovery_fraction_by_format": rec.recovery_by_format,
                "control_recovery_fraction_by_format": rec.control_recovery}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = [{"condition": c, **{f: s[forget][f] for f in FORMATS}} for c, s in rec.scores.items()]
-    write_report(out / "report.html", f"Junk diagnosis: {Path(unlearned_dir).name} vs {Path(base_dir).name}",
-                 [("h2", f"Forget domain '{forget}', ablation from layer {rec.layer}"), table(rows),
-                  _norm_figure(diag, rec.layer)], results=results)
+    with atomic_dir(out, "junk diagnosis", overwrite) as tmp:
+        rec.direction.save(tmp / "junk_direction.safetensors")
+        write_json(tmp / "results.json", results)
+        write_report(tmp / "report.html", f"Junk diagnosis: {Path(unlearned_dir).name} vs {Path(base_dir).name}",
+                     [("h2", f"Forget domain '{forget}', ablation from layer {rec.layer}"), table(rows),
+                      _norm_figure(diag, rec.layer)], results=results)
     return results

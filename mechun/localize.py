@@ -45,10 +45,12 @@ from mechun.models import (
     HookKind,
     Model,
     check_layer,
+    check_token_ids,
     hook_name,
     model_device,
     n_layers,
     tokenize,
+    word_ids,
 )
 
 #: A metric maps logits to one number per batch row (e.g. a logit difference at the last position).
@@ -100,8 +102,8 @@ class PatchingResult:
 def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
     """logit(answer) - logit(wrong) at the last position, for single-token words (after a space)."""
     ids = []
-    for word in (answer, wrong):
-        toks = model.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    for word, what in ((answer, "answer"), (wrong, "wrong answer")):
+        toks = word_ids(model, word, what)
         if len(toks) != 1:
             raise MechunError(f"{word!r} is {len(toks)} tokens; the logit-difference metric needs one-token words")
         ids.append(toks[0])
@@ -115,7 +117,7 @@ def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
 
 def answer_prob_metric(model: Model, answer: str) -> Metric:
     """p(first token of answer) at the last position."""
-    tok = model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+    tok = word_ids(model, answer, "answer")[0]
 
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().softmax(-1)[:, tok]
@@ -128,6 +130,7 @@ def _tokens(model: Model, text_or_ids: PromptLike) -> Int[Tensor, "1 pos"]:
         ids = text_or_ids if text_or_ids.ndim == 2 else text_or_ids[None]
         if ids.shape[0] != 1:
             raise MechunError("pass one prompt (a 1 x pos tensor) at a time")
+        check_token_ids(model, ids)
         return ids
     return tokenize(model, [text_or_ids])[0]
 
@@ -240,7 +243,7 @@ def attribution_patching(
 def _subject_ids(model: Model, subject: str, at_start: bool) -> list[int]:
     """The token ids of ``subject`` as it appears inside a prompt: after a space, unless the prompt starts with it
     (matters for GPT-2-style BPE). No special tokens (BOS)."""
-    return model.tokenizer(subject if at_start else " " + subject, add_special_tokens=False)["input_ids"]
+    return word_ids(model, subject, "subject", at_start=at_start)
 
 
 def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:

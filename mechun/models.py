@@ -21,8 +21,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import weakref
 from difflib import get_close_matches
 from pathlib import Path
@@ -30,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import torch
 from jaxtyping import Int
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from mechun.errors import MechunError, ModelMismatchError
+from mechun.errors import CheckpointError, DeviceError, MechunError, ModelMismatchError, VocabularyError
 
 #: Architectures whose loading (and hook-point equivalence with Hugging Face hidden states) the tests check.
 TESTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
@@ -65,7 +64,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") != 1
 
 
-def _resolve_source(path_or_name: str | os.PathLike) -> str:
+def resolve_source(path_or_name: str | os.PathLike) -> str:
     """A local checkpoint dir (validated) or a hub name, passed through for online users."""
     s = str(path_or_name)
     p = Path(s).expanduser()
@@ -99,23 +98,28 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _resolve_source(path_or_name)
+    source = resolve_source(path_or_name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
     if device_map is not None and device is not None:
         raise MechunError("pass either device or device_map, not both")
     if device_map is None:
-        device = torch.device(device) if device is not None else torch.device(
+        device = check_device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
-                                                        device_map=device_map)
+        hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
+                                                              device_map=device_map, output_loading_info=True)
     except OSError as e:  # hub name offline, or a malformed dir
         raise MechunError(
-            f"could not load {source!r}: {e}. Offline, pass a local checkpoint dir; online, check the hub name."
+            f"could not load {source!r}: {' '.join(str(e).split())}. Offline, pass a local checkpoint dir; online, "
+            "check the hub name."
         ) from e
+    except (ValueError, RuntimeError, SafetensorError) as e:  # weights truncated, corrupt or of the wrong shapes
+        raise CheckpointError(f"{source}: the weights cannot be read ({' '.join(str(e).split())[:300]}); the "
+                              "checkpoint is damaged: re-save or re-download it") from e
+    check_loaded(source, info, hf_model, tokenizer)
     if tokenizer.pad_token is None:  # gpt2, llama: pad with eos; mechun always passes an attention mask
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -130,6 +134,59 @@ def load_model(
 
 
 _SOURCES: weakref.WeakKeyDictionary[Model, str] = weakref.WeakKeyDictionary()
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it; else a :class:`DeviceError` saying what to pass instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r}: this machine has no CUDA GPU (torch.cuda.is_available() is "
+                              "False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
+def check_loaded(source: str, info: dict[str, Any], hf: nn.Module, tokenizer: Any) -> None:
+    """Refuse a checkpoint that would load wrongly: ``transformers`` fills missing weights with random values and
+    drops unexpected ones, both silently; NaN/inf weights give chance-level answers; a tokenizer that cannot encode
+    its own words turns every prompt into unknown tokens."""
+    where = Path(source) if Path(source).exists() else source
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k[0] if isinstance(k, tuple) else k for k in info.get(kind) or []]
+        if keys:
+            raise CheckpointError(f"{where}: the weights file has {len(keys)} {kind.replace('_', ' ')} "
+                                  f"(e.g. {keys[0]!r}); the checkpoint is damaged or of another architecture: "
+                                  "re-save it (mechun.save_model) or re-download it")
+    for name, p in hf.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{where}: weight {name!r} holds NaN or inf values; the model cannot give "
+                                  "meaningful outputs: use an earlier checkpoint (training diverged?)")
+    _check_tokenizer(where, tokenizer, int(hf.get_input_embeddings().weight.shape[0]))
+
+
+def _check_tokenizer(where: Path | str, tokenizer: Any, n_embeddings: int) -> None:
+    """The tokenizer must cover the model's embeddings (at least half of them: models pad their embedding matrix)
+    and encode a few ordinary words of its own vocabulary to known tokens."""
+    n = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    words = [i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+             if i not in special and t.lstrip("Ġ▁ ").isalnum()][:8]
+    text = " ".join(tokenizer.decode([i]).strip() for i in words)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+    unk = tokenizer.unk_token_id
+    if n < max(8, n_embeddings // 2) or not ids or (unk is not None and unk in ids):
+        raise CheckpointError(f"{where}: the tokenizer cannot be right: it knows {n} tokens for a model of "
+                              f"{n_embeddings} embeddings and encodes {text[:30]!r} to {len(ids)} tokens; its files "
+                              "(tokenizer.json, tokenizer_config.json) are missing or damaged: copy them back from "
+                              "the original checkpoint")
 
 
 def model_source(model: Model) -> str | None:
@@ -192,19 +249,23 @@ def hf_state_dict(model: Model) -> dict[str, Tensor]:
     return {k: wrapped[k] for k in keys}
 
 
-def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> Path:
+def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None,
+               overwrite: bool = False) -> Path:
     """Save a bridge as a local Hugging Face checkpoint dir (config, safetensors, tokenizer) that
-    :func:`load_model` reads back. Written to a temporary sibling and renamed, so a failure leaves nothing behind.
-    ``extra_files`` maps file names to JSON-serialisable objects written beside the weights."""
+    :func:`load_model` reads back. Written whole or not at all (:func:`mechun.io.atomic_dir`); ``overwrite``
+    replaces an earlier mechun output at ``out_dir``, never anything else. ``extra_files`` maps file names to
+    JSON-serialisable objects written beside the weights."""
     from transformers import AutoModelForCausalLM
 
-    from mechun.io import check_new_dir
+    from mechun.io import atomic_dir, check_out_dir
 
-    out = check_new_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, overwrite, need_bytes=checkpoint_bytes(model))
     state = hf_state_dict(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"refusing to save {out_dir}: weight {bad!r} holds NaN or inf values (training "
+                              "diverged? lower the learning rate or the steering coefficient)")
+    with atomic_dir(out_dir, "checkpoint", overwrite) as tmp:
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(hf_config(model))
         fresh.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True, assign=True)
@@ -212,24 +273,12 @@ def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, 
         model.tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a fully written temporary dir into place, with ordinary permissions (mkdtemp makes it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+def checkpoint_bytes(model: Model) -> int:
+    """About what :func:`save_model` writes: every weight once, plus a little for config and tokenizer."""
+    return sum(p.numel() * p.element_size() for p in hf_model(model).parameters()) + 2_000_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,10 +341,12 @@ def check_same_model(model: Model, fingerprint: str | None, what: str) -> None:
 # Hook points and layers
 # ---------------------------------------------------------------------------------------------------------------
 def check_layer(model: Model, layer: int) -> int:
+    """``layer`` as an index in ``0..n_layers-1`` (negative counts from the end); a float, bool or string is refused,
+    never rounded (``2.5`` is not layer 2)."""
     n = n_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int | torch.SymInt) and not hasattr(layer, "__index__"):
-        raise TypeError(f"layer must be an int, got {layer!r}")
-    layer = int(layer)
+    if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+        raise MechunError(f"layer must be an integer, got {layer!r}")
+    layer = layer.__index__()
     if not -n <= layer < n:
         raise MechunError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
     return layer % n
@@ -355,7 +406,59 @@ def tokenize(model: Model, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"]
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if int(mask.sum(1).min()) == 0:
         raise MechunError("a prompt tokenised to zero tokens")
+    if tok.unk_token_id is not None and bool((ids == tok.unk_token_id).any()):
+        row = int((ids == tok.unk_token_id).any(1).nonzero()[0, 0])
+        bad = [w for w in prompts[row].split() if unknown(tok, w)]
+        raise VocabularyError(f"prompt {row} ({prompts[row][:60]!r}) has words the model's vocabulary lacks "
+                              f"({', '.join(map(repr, bad[:3])) or 'some'}){suggest(tok, bad[0] if bad else '')}; "
+                              "they would be read as the unknown token")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and ids.shape[1] > n_ctx:
+        row = int(mask.sum(1).argmax())
+        raise MechunError(f"prompt {row} is {int(mask[row].sum())} tokens but the model's context is {n_ctx}; "
+                          "shorten it")
     return ids, mask
+
+
+def unknown(tokenizer: Any, word: str) -> bool:
+    """Whether ``word`` (as it follows a space) needs the tokenizer's unknown token."""
+    unk = tokenizer.unk_token_id
+    return unk is not None and unk in tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+
+
+def suggest(tokenizer: Any, word: str) -> str:
+    """``"; did you mean 'x'?"`` with the vocabulary's nearest spelling of ``word``, or ``""``."""
+    if not word:
+        return ""
+    vocab = [t.lstrip("Ġ▁") for t in tokenizer.get_vocab() if t not in tokenizer.all_special_tokens]
+    same = [t for t in vocab if t.lower() == word.lower()]
+    guess = same or (get_close_matches(word, vocab, n=1, cutoff=0.75) if len(vocab) <= 200_000 else [])
+    return f"; did you mean {guess[0]!r}?" if guess else ""
+
+
+def word_ids(model: Model, word: str, what: str = "word", at_start: bool = False) -> list[int]:
+    """The token ids of ``word`` as it appears in a prompt (after a space unless ``at_start``), without special
+    tokens. A word the tokenizer can only encode with its unknown token is a :class:`VocabularyError` naming it
+    (``what``: "answer", "subject", ...) and the vocabulary's nearest spelling -- never a silent ``<unk>``."""
+    if not isinstance(word, str) or not word.strip():
+        raise MechunError(f"{what} must be a non-empty string, got {word!r}")
+    tok = model.tokenizer
+    ids = tok(word if at_start else " " + word, add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        bad = [w for w in word.split() if unknown(tok, w)] or [word]
+        raise VocabularyError(f"{what} {bad[0]!r} is not in the model's vocabulary (it would be read as "
+                              f"{tok.unk_token}){suggest(tok, bad[0])}")
+    if not ids:
+        raise MechunError(f"{what} {word!r} tokenises to nothing")
+    return ids
+
+
+def check_token_ids(model: Model, ids: Tensor) -> None:
+    """Token ids given directly must index the model's vocabulary."""
+    vocab = int(model.cfg.d_vocab)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise MechunError(f"token ids must be in 0..{vocab - 1} (the model's vocabulary); got "
+                          f"{int(ids.min())}..{int(ids.max())}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

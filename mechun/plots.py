@@ -18,7 +18,8 @@ from mechun.stats import SeedStat
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 TEMPLATE = "plotly_white"
 
-Series = Sequence[float] | Sequence[SeedStat]
+Num = float | int  # an int is a fine axis value; the runtime type checker does not apply PEP 484's numeric tower
+Series = Sequence[Num] | Sequence[SeedStat]
 
 
 def _values(series: Series) -> tuple[list[float], list[float] | None]:
@@ -28,7 +29,7 @@ def _values(series: Series) -> tuple[list[float], list[float] | None]:
     return [float(v) for v in series], None  # type: ignore[arg-type]
 
 
-def _style(fig: go.Figure, title: str, x_title: str, y_title: str, y_range: Sequence[float] | None = None
+def _style(fig: go.Figure, title: str, x_title: str, y_title: str, y_range: Sequence[Num] | None = None
            ) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template=TEMPLATE, colorway=PALETTE,
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
@@ -37,16 +38,16 @@ def _style(fig: go.Figure, title: str, x_title: str, y_title: str, y_range: Sequ
     return fig
 
 
-def _marks(fig: go.Figure, hline: float | None, hline_label: str, vline: float | None, vline_label: str) -> None:
+def _marks(fig: go.Figure, hline: Num | None, hline_label: str, vline: Num | None, vline_label: str) -> None:
     if hline is not None:
         fig.add_hline(y=hline, line_dash="dot", annotation_text=hline_label, annotation_position="top left")
     if vline is not None:
         fig.add_vline(x=vline, line_dash="dot", annotation_text=vline_label)
 
 
-def layer_lines(series: Mapping[str, Series], title: str, y_title: str, *, hline: float | None = None,
+def layer_lines(series: Mapping[str, Series], title: str, y_title: str, *, hline: Num | None = None,
                 hline_label: str = "chance", vline: int | None = None, vline_label: str = "",
-                dashed: Sequence[str] = (), y_range: Sequence[float] | None = None) -> go.Figure:
+                dashed: Sequence[str] = (), y_range: Sequence[Num] | None = None) -> go.Figure:
     """One line per named series over layers ``0..L-1`` (integer ticks); seed statistics get error bars.
 
     ``dashed`` names series drawn dashed (e.g. a base-model reference)."""
@@ -64,8 +65,8 @@ def layer_lines(series: Mapping[str, Series], title: str, y_title: str, *, hline
 
 
 def step_lines(steps: Sequence[int], series: Mapping[str, Series], title: str, y_title: str, *,
-               x_title: str = "step", hline: float | None = None, hline_label: str = "chance",
-               y_range: Sequence[float] | None = None) -> go.Figure:
+               x_title: str = "step", hline: Num | None = None, hline_label: str = "chance",
+               y_range: Sequence[Num] | None = None) -> go.Figure:
     """Curves over training steps (relearning, loss), one per named series; seed statistics get error bars."""
     fig = go.Figure()
     for name, s in series.items():
@@ -77,7 +78,7 @@ def step_lines(steps: Sequence[int], series: Mapping[str, Series], title: str, y
 
 
 def grouped_bars(groups: Sequence[str], series: Mapping[str, Series], title: str, y_title: str, *,
-                 hline: float | None = None, hline_label: str = "chance", y_range: Sequence[float] | None = None,
+                 hline: Num | None = None, hline_label: str = "chance", y_range: Sequence[Num] | None = None,
                  text: bool = False) -> go.Figure:
     """Grouped bars: one group per entry of ``groups``, one bar per named series; seed statistics get error bars."""
     fig = go.Figure()
@@ -91,8 +92,8 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Series], title: str
     return _style(fig, title, "", y_title, y_range)
 
 
-def accuracy_bars(accuracy: Mapping[str, Mapping[str, float]], title: str = "Accuracy by domain and format",
-                  chance: Mapping[str, float] | None = None) -> go.Figure:
+def accuracy_bars(accuracy: Mapping[str, Mapping[str, Num]], title: str = "Accuracy by domain and format",
+                  chance: Mapping[str, Num] | None = None) -> go.Figure:
     """Grouped bars: one group per domain, one bar per format (``{"domain": {"format": acc}}``)."""
     domains = list(accuracy)
     formats = list(next(iter(accuracy.values())))
@@ -103,9 +104,9 @@ def accuracy_bars(accuracy: Mapping[str, Mapping[str, float]], title: str = "Acc
     return fig
 
 
-def scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, x_title: str,
+def scatter(points: Mapping[str, tuple[Sequence[Num], Sequence[Num]]], title: str, x_title: str,
             y_title: str, *, labels: Mapping[str, Sequence[str]] | None = None,
-            x_range: Sequence[float] | None = None, y_range: Sequence[float] | None = None) -> go.Figure:
+            x_range: Sequence[Num] | None = None, y_range: Sequence[Num] | None = None) -> go.Figure:
     """One marker trace per named ``(x, y)`` point set (e.g. forget vs retain accuracy per setting)."""
     fig = go.Figure()
     for name, (x, y) in points.items():
@@ -116,7 +117,7 @@ def scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float]]], title
     return _style(fig, title, x_title, y_title, y_range)
 
 
-def heatmap(z: Sequence[Sequence[float]], x: Sequence[str], title: str, *, y_title: str = "layer",
+def heatmap(z: Sequence[Sequence[Num]], x: Sequence[str], title: str, *, y_title: str = "layer",
             x_title: str = "position", colorbar: str = "", diverging: bool = True) -> go.Figure:
     """A layers × positions (or layers × heads) score map; rows are layers with integer ticks."""
     fig = go.Figure(go.Heatmap(z=[list(r) for r in z], x=list(x), y=list(range(len(z))),
@@ -126,7 +127,7 @@ def heatmap(z: Sequence[Sequence[float]], x: Sequence[str], title: str, *, y_tit
     return _style(fig, title, x_title, y_title)
 
 
-def line(values: Sequence[float], title: str, x_title: str = "step", y_title: str = "",
+def line(values: Sequence[Num], title: str, x_title: str = "step", y_title: str = "",
          x: Sequence | None = None) -> go.Figure:
     """A single unnamed curve (e.g. a training loss)."""
     fig = go.Figure(go.Scatter(x=list(x) if x is not None else list(range(len(values))), y=list(values),

@@ -10,6 +10,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from mechun.io import write_text
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f4f4f4}pre{background:#f7f7f7;padding:1em;overflow-x:auto}.verdict{font-size:1.1em;
@@ -47,8 +49,4 @@ def write_report(path: str | Path, title: str, blocks: Sequence[str | go.Figure 
         parts.append("<h2>results.json</h2><pre>" + html.escape(json.dumps(results, indent=1)[:20000]) + "</pre>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    return write_text(path, page)

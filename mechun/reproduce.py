@@ -55,8 +55,16 @@ def load_analysis(name: str) -> ModuleType:
     return module
 
 
-def reproduce(name: str, out: Path, quick: bool = False, seed: int = 0) -> Path:
-    load_analysis(name).run(Path(out), quick=quick, seed=seed)
+def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
+              log: Callable[[str], None] | None = None) -> Path:
+    """Run analysis ``name`` into the output dir ``out`` (:func:`mechun.io.run_dir`: a new or empty dir, or with
+    ``overwrite`` an earlier mechun output, whose organism is kept and reused; a failed run leaves ``out`` as it
+    was)."""
+    from mechun.io import run_dir
+
+    module = load_analysis(name)
+    with run_dir(out, f"mechun reproduce {name}", overwrite, keep=("organism",)) as d:
+        module.run(d, quick=quick, seed=seed, **({"log": log} if log else {}))
     return Path(out)
 
 
@@ -79,11 +87,16 @@ def prepare(out: str | Path, quick: bool, seed: int, organism: str | Path | None
 
 
 def script_main(run: Callable[..., dict], doc: str | None) -> None:
-    """The command line of an analysis script run directly: ``--out DIR [--quick] [--seed N]``."""
+    """The command line of an analysis script run directly: ``--out DIR [--quick] [--seed N] [--overwrite]``,
+    with the output-dir rules of ``mechun reproduce``."""
+    from mechun.io import run_dir
+
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="tiny organism, short settings")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier mechun output in --out")
     a = ap.parse_args()
-    results = run(a.out, quick=a.quick, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
+    with run_dir(a.out, f"analysis {Path(sys.argv[0]).stem}", a.overwrite, keep=("organism",)) as d:
+        results = run(d, quick=a.quick, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
     print(results.get("verdict", f"wrote {a.out}/results.json"))

@@ -60,6 +60,23 @@ class RMUConfig:
     seed: int = 0
     auto_coeff_mult: float = 6.0
 
+    def __post_init__(self) -> None:
+        """Numbers are checked when the config is made, naming the field: NaN passes ``x <= 0`` checks, so every
+        float must be finite."""
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MechunError(f"RMUConfig.{name} must be an integer >= 1, got {v!r}")
+        for name, low, strict in (("lr", 0.0, True), ("alpha", 0.0, False), ("auto_coeff_mult", 0.0, True),
+                                  ("steering_coeff", 0.0, True)):
+            v = getattr(self, name)
+            if v is None and name == "steering_coeff":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (
+                    v <= low if strict else v < low):
+                raise MechunError(f"RMUConfig.{name} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                  f"got {v!r}")
+
     def resolved(self, model: Model) -> RMUConfig:
         layer = check_layer(model, self.layer if self.layer is not None else n_layers(model) // 2)
         update = self.update_layers if self.update_layers is not None else [x for x in (layer - 2, layer - 1, layer)
@@ -231,10 +248,11 @@ def rmu_unlearn(
 
 
 def save_unlearned(model: Model, result: RMUResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
-                   files: Mapping[str, Any] | None = None) -> Path:
+                   files: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Save the unlearned model as a local HF checkpoint dir with ``rmu.json`` (hyper-parameters, steering vectors,
     ``extra``) and any other JSON ``files`` (e.g. ``world.json``), all written atomically together."""
-    return save_model(model, out_dir, extra_files={"rmu.json": {**result.to_json(), **(extra or {})}, **(files or {})})
+    return save_model(model, out_dir, extra_files={"rmu.json": {**result.to_json(), **(extra or {})}, **(files or {})},
+                      overwrite=overwrite)
 
 
 def load_steering(model_dir: str | Path) -> dict[str, Tensor]:

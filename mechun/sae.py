@@ -48,7 +48,7 @@ from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
 from mechun.cache import cache_residuals
-from mechun.errors import MechunError
+from mechun.errors import DamagedFileError, MechunError, ModelMismatchError
 from mechun.hooks import hooks
 from mechun.models import HOOK_KINDS, Model, check_layer, d_model, hook_name, model_device, tokenize
 
@@ -63,6 +63,21 @@ def _hook_of(sae: Any) -> str:
     if not name:
         raise MechunError("this SAE does not record its hook name; pass hook= explicitly")
     return name
+
+
+def check_sae(model: Model, sae: Any, hook: str | None = None) -> str:
+    """The SAE's hook name, once the SAE fits the model: its input width is the model's ``d_model`` and its layer
+    exists. Else a :class:`ModelMismatchError` (an SAE trained on another model)."""
+    hook = hook or _hook_of(sae)
+    d_in = int(sae.W_dec.shape[1])
+    if d_in != d_model(model):
+        raise ModelMismatchError(f"the SAE reads vectors of d_in={d_in} but the model's residual stream has "
+                                 f"d_model={d_model(model)}: it was trained on another model; train one on this "
+                                 "model (mechun sae train)")
+    parts = hook.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        check_layer(model, int(parts[1]))
+    return hook
 
 
 def _layer_kind(hook: str) -> tuple[int, str]:
@@ -130,13 +145,13 @@ def train_sae(
                                           override_dataset=Dataset.from_dict({"input_ids": chunks})).run()
 
 
-def save_sae(sae: Any, path: str | Path) -> Path:
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty")
-    path.mkdir(parents=True, exist_ok=True)
-    sae.save_inference_model(str(path)) if hasattr(sae, "save_inference_model") else sae.save_model(str(path))
-    return path
+def save_sae(sae: Any, path: str | Path, overwrite: bool = False) -> Path:
+    """Save an SAE as a sae-lens dir, whole or not at all (``overwrite``: replace an earlier mechun output)."""
+    from mechun.io import atomic_dir
+
+    with atomic_dir(path, "sae", overwrite) as tmp:
+        sae.save_inference_model(str(tmp)) if hasattr(sae, "save_inference_model") else sae.save_model(str(tmp))
+    return Path(path)
 
 
 def load_sae(path_or_release: str | Path, sae_id: str | None = None, device: str = "cpu") -> Any:
@@ -145,10 +160,20 @@ def load_sae(path_or_release: str | Path, sae_id: str | None = None, device: str
 
     p = Path(path_or_release)
     if p.is_dir():
-        return SAE.load_from_disk(str(p), device=device)
+        try:
+            return SAE.load_from_disk(str(p), device=device)
+        except Exception as e:  # sae-lens raises what its readers raise: JSON, safetensors, KeyError, ...
+            raise DamagedFileError(f"{p} is not a readable sae-lens SAE dir ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:200]}); recreate it with `mechun sae train`") from e
+    if p.exists() or _looks_local(str(path_or_release)):
+        raise MechunError(f"{path_or_release} is not an SAE directory; pass the dir `mechun sae train` wrote")
     if sae_id is None:
         raise MechunError(f"{path_or_release} is not a local SAE dir; for the hub pass a release and sae_id")
     return SAE.from_pretrained(str(path_or_release), sae_id, device=device)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 @dataclass
@@ -194,7 +219,9 @@ def stats_from_activations(acts: Float[Tensor, "n d_sae"]) -> FeatureStats:
 def _encode_counted(model: Model, sae: Any, prompts: Sequence[str], hook: str | None, skip_special: bool,
                     skip_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """SAE activations at the counted tokens (``n d_sae``, row-major over prompts), the token ids, the kept mask."""
-    layer, kind = _layer_kind(hook or _hook_of(sae))
+    hook = hook or _hook_of(sae)
+    layer, kind = _layer_kind(hook)
+    check_sae(model, sae, hook)
     ids, attn = tokenize(model, list(prompts))
     keep = counted_positions(ids, attn, special_token_ids(model.tokenizer) if skip_special else (), skip_first)
     cache = cache_residuals(model, ids, layers=[layer], positions=keep, attention_mask=attn, hook=kind,
@@ -272,15 +299,13 @@ def sae_intervention(model: Model, sae: Any, features: Sequence[int], mode: SAEM
     """Within the block, the residual stream at the SAE's hook becomes
     ``decode(edit(encode(x))) + (x - decode(encode(x)))``: only the named features change. Position 0 (BOS) of
     every forward is left untouched unless ``skip_bos=False`` (see the module docstring)."""
-    hook = hook or _hook_of(sae)
+    hook = check_sae(model, sae, hook)
     features = list(features)
     if not features:
         raise MechunError("no features selected; loosen the retain threshold or pass feature ids")
     d_sae = sae.W_dec.shape[0]
     if min(features) < 0 or max(features) >= d_sae:
         raise MechunError(f"feature ids must be in 0..{d_sae - 1}")
-    if sae.W_dec.shape[1] != d_model(model):
-        raise MechunError(f"the SAE has d_in={sae.W_dec.shape[1]} but the model has d_model={d_model(model)}")
     if mode not in MODES:
         raise MechunError(f"mode must be one of {MODES}, got {mode!r}")
 

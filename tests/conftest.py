@@ -16,7 +16,28 @@ TINY_SEED = 123
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed ``mechun`` command as a user would."""
+    """Run the ``mechun`` command in this process (``mechun.cli.main``, what the installed script calls), capturing
+    stdout and stderr as a user sees them; usage errors (argparse's ``SystemExit``) become the exit status. Saves the
+    seconds of start-up a subprocess costs; :func:`run_cli_process` is for where the process boundary matters."""
+    import contextlib
+    import io
+
+    from mechun import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    proc = subprocess.CompletedProcess(["mechun", *args], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mechun {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_cli_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed ``mechun`` command in a new process, as a user would."""
     exe = Path(sys.executable).parent / "mechun"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mechun.cli"]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True,
@@ -35,7 +56,7 @@ def _seed():
 def tiny_organism_dir(tmp_path_factory) -> Path:
     """The tiny organism, trained once per session through the CLI (the acceptance command)."""
     out = tmp_path_factory.mktemp("organism") / "tiny"
-    run_cli("organism", "train", "--preset", "tiny", "--seed", str(TINY_SEED), "--out", str(out), "--no-progress")
+    run_cli_process("organism", "train", "--preset", "tiny", "--seed", str(TINY_SEED), "--out", str(out), "--no-progress")
     return out
 
 

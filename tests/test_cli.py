@@ -1,13 +1,22 @@
 """The command line: every command has --help, errors are clear and exit non-zero, output formats hold."""
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_process
 
 
 @pytest.mark.parametrize("cmd", [[], ["organism"], ["organism", "train"], ["eval"], ["cache"], ["reproduce"]])
 def test_help(cmd):
     proc = run_cli(*cmd, "--help")
-    assert "usage: mechun" in proc.stdout
+    assert "usage: mechun" in proc.stdout and proc.returncode == 0
+
+
+def test_installed_script_exit_codes(tmp_path):
+    """The process boundary: the installed script's exit status for success, a usage error and a runtime error."""
+    assert "usage: mechun" in run_cli_process("--help").stdout
+    usage = run_cli_process("rmu", "--model", "m", "--forget", "pathogen", "--steps", "-1", "--out", "x", check=False)
+    assert usage.returncode == 2 and "--steps" in usage.stderr
+    runtime = run_cli_process("eval", "--model", str(tmp_path / "nope"), check=False)
+    assert runtime.returncode == 1 and runtime.stderr.startswith("mechun: error:") and "Traceback" not in runtime.stderr
 
 
 def test_eval_human_readable(tiny_organism_dir):
@@ -17,7 +26,7 @@ def test_eval_human_readable(tiny_organism_dir):
 
 def test_eval_missing_dir_is_a_clear_error(tmp_path):
     proc = run_cli("eval", "--model", str(tmp_path / "nope"), check=False)
-    assert proc.returncode == 2 and "mechun: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "mechun: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cache_command(tiny_organism_dir, tiny_world, tmp_path):

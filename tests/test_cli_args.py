@@ -164,12 +164,12 @@ def test_reproduce_choices_are_the_library_analyses_each_described(capsys):
     assert set(cli._ANALYSIS_HELP) == set(ANALYSES)  # a new analysis needs its one-line description
 
 
-# -- runtime errors: still `mechun: error: ...` and exit status 2, and still before anything is written ----------
+# -- runtime errors: `mechun: error: ...` and exit status 1, and still before anything is written ----------
 def test_missing_prompt_file_is_a_runtime_error_naming_it(tmp_path, capsys):
     out = tmp_path / "c.safetensors"
     code = cli.main(["cache", "--model", NOPE, "--prompts", str(tmp_path / "p.txt"), "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("mechun: error: no file at") and "p.txt" in err and not out.exists()
+    assert code == 1 and err.startswith("mechun: error: no file at") and "p.txt" in err and not out.exists()
 
 
 @pytest.mark.parametrize("argv", [RMU, ["junk", "--base", NOPE, "--unlearned", NOPE]], ids=["rmu", "junk"])
@@ -177,7 +177,7 @@ def test_non_empty_out_is_refused_before_loading(argv, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code = cli.main([*argv, "--out", str(tmp_path / "out")])
-    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert code == 1 and "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 

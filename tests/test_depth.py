@@ -67,7 +67,7 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     out = tmp_path / "card"
     proc = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "pathogen",
                    "--relearn-steps", "0,5,10", "--out", str(out), "--no-progress")
-    assert sorted(p.name for p in out.iterdir()) == ["card.json", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [".mechun-manifest.json", "card.json", "report.html"]
     card = json.loads((out / "card.json").read_text())
     assert json.loads(proc.stdout)["verdict"] == card["verdict"]["line"]
     assert card["fingerprints"] == {"base": base_fp, "unlearned": unl_fp}
@@ -86,14 +86,15 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     # a second run into the same dir is refused, and a bad domain writes nothing
     again = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "pathogen",
                     "--out", str(out), check=False)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    assert again.returncode == 1 and "not empty" in again.stderr
     bad = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "chemistry",
                   "--out", str(tmp_path / "bad"), check=False)
-    assert bad.returncode == 2 and "unknown forget domain" in bad.stderr
-    for flag, value, message in (("--relearn-steps", "5,x", "non-negative integers"), ("--layer", "7", "out of range")):
+    assert bad.returncode == 1 and "unknown forget domain" in bad.stderr
+    for flag, value, message, code in (("--relearn-steps", "5,x", "non-negative integers", 2),
+                                       ("--layer", "7", "out of range", 1)):
         wrong = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget",
                         "pathogen", flag, value, "--out", str(tmp_path / "bad"), check=False)
-        assert wrong.returncode == 2 and message in wrong.stderr
+        assert wrong.returncode == code and message in wrong.stderr
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 

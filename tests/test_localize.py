@@ -117,6 +117,8 @@ def test_bad_inputs(tiny_model, pair):
     with pytest.raises(MechunError, match="equal length"):
         activation_patching(tiny_model, clean, corrupt + " the", metric)
     with pytest.raises(MechunError, match="not found"):
+        subject_positions(tiny_model, clean, corrupt.split(" is")[0])  # a real subject, of the other prompt
+    with pytest.raises(MechunError, match="'nobody' is not in the model's vocabulary"):
         subject_positions(tiny_model, clean, "nobody here")
     # A misspelt hook or trace kind is outside its Literal: under pytest the runtime type checker rejects it first;
     # users (no checker) get the function's own error naming the choices -- the unwrapped function is what they run.

@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import mechun
-from mechun.errors import MechunError, ModelMismatchError
+from mechun.errors import MechunError, ModelMismatchError, OutputError
 from mechun.hooks import FAST_KINDS
 from mechun.models import _SHORT_HOOKS, HOOK_KINDS, hf_state_dict, hook_name, hook_point
 
@@ -124,7 +124,7 @@ def test_hub_name_offline_gives_clear_error():
 def test_save_refuses_nonempty_dir_and_leaves_nothing(tiny_model, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="not empty"):
         mechun.save_model(tiny_model, tmp_path / "taken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 

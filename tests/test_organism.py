@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_SEED, run_cli
 
 from mechun import World
-from mechun.errors import MechunError
+from mechun.errors import MechunError, OutputError
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.train import ensure_organism, train_organism
 from mechun.organism.world import DOMAINS, LETTERS, RELATIONS, relations
@@ -93,7 +93,7 @@ def test_training_is_deterministic(tmp_path):
 def test_training_refuses_nonempty_out(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="not empty"):
         train_organism(tmp_path / "x", "tiny", steps=1, progress=False)
     with pytest.raises(MechunError, match="unknown preset"):
         train_organism(tmp_path / "y", "huge", progress=False)
@@ -102,7 +102,7 @@ def test_training_refuses_nonempty_out(tmp_path):
 
 def test_ensure_organism_refuses_a_different_organism(tiny_organism_dir):
     assert ensure_organism(tiny_organism_dir, "tiny", TINY_SEED) == tiny_organism_dir
-    with pytest.raises(FileExistsError, match="seed"):
+    with pytest.raises(OutputError, match="seed"):
         ensure_organism(tiny_organism_dir, "tiny", TINY_SEED + 1)
 
 

@@ -108,7 +108,7 @@ def test_rmu_refuses_to_train_under_active_bridge_hooks(tiny_organism_dir, tiny_
     """RMU trains through the bare HF view, which bypasses hook points: an active project_out must not be ignored."""
     model = mechun.load_model(tiny_organism_dir, device="cpu")
     frozen = mechun.load_model(tiny_organism_dir, device="cpu")
-    ids, mask = mechun.tokenize(model, ["veshix gritam is transmitted by"])
+    ids, mask = mechun.tokenize(model, [tiny_world.prompts("pathogen")[0].text])
     direction = torch.ones(model.cfg.d_model)
     with mechun.project_out(model, direction, layers=[0]):
         with pytest.raises(MechunError, match="hooks now active"):

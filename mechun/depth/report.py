@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mechun.depth.card import DepthCard, ProbeSection, RelearningSection, SeedMeanCard
-from mechun.io import check_new_dir
-from mechun.models import publish_dir
+from mechun.io import atomic_dir
 from mechun.plots import layer_lines, step_lines
 from mechun.report import table, write_report
 
@@ -78,18 +75,12 @@ def card_blocks(card: DepthCard | SeedMeanCard, heading: str = "") -> list:
     return blocks + _behaviour_blocks(card) + _recovery_blocks(card) + _specificity_blocks(card)
 
 
-def write_card(card: DepthCard, out_dir: str | Path, title: str | None = None) -> Path:
-    """Write ``card.json`` and ``report.html`` into the new dir ``out_dir``, all or nothing."""
-    out = check_new_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+def write_card(card: DepthCard, out_dir: str | Path, title: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``card.json`` and ``report.html`` into the new dir ``out_dir``, all or nothing (``overwrite``: replace
+    an earlier mechun output there)."""
+    with atomic_dir(out_dir, "depth card", overwrite) as tmp:
         data = card.to_json()
         (tmp / "card.json").write_text(json.dumps(data, indent=1))
         title = title or f"Unlearning depth card: {card.method or 'unlearned model'} on '{card.forget_domain}'"
         write_report(tmp / "report.html", title, card_blocks(card), results=data)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,8 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mechun.errors import MechunError
-from mechun.models import publish_dir
+from mechun.errors import MechunError, OutputError
+from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import World
 
@@ -127,33 +124,21 @@ def _fit(model: torch.nn.Module, data: Int[Tensor, "n 2 pos"], preset: Preset, s
     return losses
 
 
-def _publish(out: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary dir beside ``out``, then move it into place (removed if anything fails)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def train_organism(
     out_dir: str | Path,
     preset: str | Preset = "tiny",
     seed: int = 0,
     progress: bool = True,
     steps: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir``.
+    """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir`` (whole or not at
+    all; ``overwrite`` replaces an earlier mechun output there, never anything else).
 
     Deterministic on CPU: the same preset and seed give the same weights.
     """
     name, preset = _resolve_preset(preset)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+    out = check_out_dir(out_dir, overwrite)
     steps = steps if steps is not None else preset.steps
 
     torch.manual_seed(seed)
@@ -165,7 +150,7 @@ def train_organism(
     t0 = time.time()
     losses = _fit(model, data, preset, steps, seed, f"training organism ({name}, seed {seed})", progress)
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(out, "organism", overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         world.save(tmp / "world.json")
@@ -173,8 +158,6 @@ def train_organism(
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
                 "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
-
-    _publish(out, write)
     return out
 
 
@@ -186,7 +169,7 @@ def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, p
         made = json.loads(info.read_text())
         if made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset]):
             return out
-        raise FileExistsError(
+        raise OutputError(
             f"{out} holds an organism trained with preset={made.get('preset')} seed={made.get('seed')}; "
             f"remove it or choose another --out"
         )

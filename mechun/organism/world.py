@@ -22,9 +22,9 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, TypedDict, get_args
+from typing import Any, Literal, TypedDict, get_args
 
-from mechun.errors import MechunError
+from mechun.errors import DamagedFileError, MechunError, ModelMismatchError
 
 LETTERS = ("A", "B", "C", "D")
 N_TRAIN_TEMPLATES = 4
@@ -175,6 +175,7 @@ class World:
     subjects: dict[str, str] = field(default_factory=dict)  # name -> domain
     facts: list[Fact] = field(default_factory=list)
     filler: list[str] = field(default_factory=list)
+    source: Path | None = field(default=None, compare=False, repr=False)  # the world.json it was loaded from
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -297,7 +298,9 @@ class World:
                 "facts": [asdict(f) for f in self.facts], "filler": self.filler}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        from mechun.io import write_json
+
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> World:
@@ -306,13 +309,42 @@ class World:
             p = p / "world.json"
         if not p.is_file():
             raise MechunError(f"no world.json at {p}; organism checkpoints have one (mechun organism train)")
-        d = json.loads(p.read_text())
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedFileError(f"{p} is not valid JSON ({e}); it is damaged: copy it back from the checkpoint "
+                                   "it came with") from e
         try:
             world = cls(seed=d["seed"], subjects_per_domain=d["subjects_per_domain"], subjects=d["subjects"],
                         facts=[Fact(**f) for f in d["facts"]], filler=d["filler"])
         except (KeyError, TypeError) as e:
             raise MechunError(f"{p} is not a mechun world file (missing or bad field: {e})") from e
+        world.source = p
         return world
+
+    def same_facts(self, other: World) -> bool:
+        return self.subjects == other.subjects and self.facts == other.facts
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a model whose tokenizer does not know this world's words: it was trained on another world (its
+        accuracies would read as forgetting)."""
+        from mechun.models import unknown
+
+        missing = [w for w in self.vocabulary() if unknown(model.tokenizer, w)]
+        if missing:
+            where = f" ({self.source})" if self.source else ""
+            raise ModelMismatchError(f"the world{where} has {len(missing)} words the model's vocabulary lacks "
+                                     f"(e.g. {missing[0]!r}): it is another organism's world; pass the world.json "
+                                     "the model was trained with")
+
+
+def check_world_for(world: World, model_dir: str | Path) -> None:
+    """A ``--world`` given for an organism checkpoint must be the one the checkpoint carries (if it carries one)."""
+    own = Path(model_dir) / "world.json"
+    if world.source is not None and own.is_file() and own.resolve() != Path(world.source).resolve():
+        if not world.same_facts(World.load(own)):
+            raise ModelMismatchError(f"--world {world.source} differs from {own}, the world this model was trained "
+                                     "with (other subjects or facts); drop --world or pass that file")
 
 
 class WorldJSON(TypedDict):
