@@ -2,7 +2,8 @@
 
 Run as ``mechun reproduce organism --out DIR [--quick] [--seed N]`` or
 ``python analyses/organism_baseline.py --out DIR``.
-Writes ``DIR/organism/`` (the checkpoint), ``DIR/results.json`` and ``DIR/report.html``.
+Writes ``DIR/results.json`` and ``DIR/report.html``; the checkpoint is the per-machine cached organism (its path is
+in results.json).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
    ablation recovers at each setting -- partial recovery marks knowledge removed more deeply than by junk alone.
 
 Run as ``mechun reproduce rmu-shallow --out DIR [--quick] [--seed N]`` or ``python analyses/rmu_shallowness.py``.
-Writes ``DIR/results.json``, ``DIR/report.html`` and the checkpoints (``DIR/organism``, ``DIR/rmu_seed*``).
+Writes ``DIR/results.json``, ``DIR/report.html`` and the unlearned checkpoints (``DIR/rmu_seed*``); the organism
+comes from the per-machine cache (:func:`mechun.organism.train.cached_organism`).
 """
 
 from __future__ import annotations

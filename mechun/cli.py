@@ -207,15 +207,21 @@ def _add_organism(sub: Subparsers) -> None:
                    help="tiny: seconds, for tests; small: about a minute, the main job (default: %(default)s)")
     _seed_option(p)
     _out_option(p, "new checkpoint directory")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train into --out directly instead of copying the per-machine cached organism "
+                        "($MECHUN_CACHE, default ~/.cache/mechun), training it there first if needed")
     _progress_option(p)
     _command(p, _cmd_organism_train)
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from mechun.organism.train import train_organism
+    from mechun.organism.train import cached_organism, copy_organism, train_organism
 
-    out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress,
-                         overwrite=args.overwrite)
+    progress = not args.no_progress
+    if args.no_cache:
+        out = train_organism(args.out, preset=args.preset, seed=args.seed, progress=progress, overwrite=args.overwrite)
+    else:
+        out = copy_organism(cached_organism(args.preset, args.seed, progress=progress), args.out, args.overwrite)
     print(f"saved model organism to {out}", file=sys.stderr)
     return 0
 

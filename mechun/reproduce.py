@@ -58,12 +58,11 @@ def load_analysis(name: str) -> ModuleType:
 def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
               log: Callable[[str], None] | None = None) -> Path:
     """Run analysis ``name`` into the output dir ``out`` (:func:`mechun.io.run_dir`: a new or empty dir, or with
-    ``overwrite`` an earlier mechun output, whose organism is kept and reused; a failed run leaves ``out`` as it
-    was)."""
+    ``overwrite`` an earlier mechun output; a failed run leaves ``out`` as it was)."""
     from mechun.io import run_dir
 
     module = load_analysis(name)
-    with run_dir(out, f"mechun reproduce {name}", overwrite, keep=("organism",)) as d:
+    with run_dir(out, f"mechun reproduce {name}", overwrite) as d:
         module.run(d, quick=quick, seed=seed, **({"log": log} if log else {}))
     return Path(out)
 
@@ -74,15 +73,15 @@ def preset_for(quick: bool) -> str:
 
 
 def prepare(out: str | Path, quick: bool, seed: int, organism: str | Path | None) -> tuple[Path, Path, Any, Any]:
-    """The output dir (created), the organism checkpoint (``organism`` if given, else trained or reused in
-    ``out/organism`` with :func:`preset_for`), its world and the base model."""
+    """The output dir (created), the organism checkpoint (``organism`` if given, else the per-machine cached one
+    of :func:`preset_for` and ``seed``, trained on first use), its world and the base model."""
     from mechun.models import load_model
-    from mechun.organism.train import ensure_organism
+    from mechun.organism.train import cached_organism
     from mechun.organism.world import World
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(organism) if organism is not None else ensure_organism(out / "organism", preset_for(quick), seed)
+    ckpt = Path(organism) if organism is not None else cached_organism(preset_for(quick), seed)
     return out, ckpt, World.load(ckpt), load_model(ckpt, device="cpu")
 
 
@@ -97,6 +96,6 @@ def script_main(run: Callable[..., dict], doc: str | None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier mechun output in --out")
     a = ap.parse_args()
-    with run_dir(a.out, f"analysis {Path(sys.argv[0]).stem}", a.overwrite, keep=("organism",)) as d:
+    with run_dir(a.out, f"analysis {Path(sys.argv[0]).stem}", a.overwrite) as d:
         results = run(d, quick=a.quick, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
     print(results.get("verdict", f"wrote {a.out}/results.json"))

@@ -4,6 +4,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Trained organisms are cached per machine; tests use a cache of their own (fresh each session unless
+# MECHUN_TEST_CACHE names one to keep, e.g. for quick local reruns).
+os.environ["MECHUN_CACHE"] = os.environ.get("MECHUN_TEST_CACHE") or __import__("tempfile").mkdtemp(
+    prefix="mechun-test-cache-")
 
 import subprocess
 import sys

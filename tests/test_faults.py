@@ -302,8 +302,11 @@ def test_a_temp_left_by_sigkill_is_cleaned_by_the_next_write(tmp_path):
 def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
     exe = Path(sys.executable).parent / "mechun"
     out = tmp_path / "org"
-    proc = subprocess.Popen([str(exe), "organism", "train", "--preset", "tiny", "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that: give the
+    # command the default disposition a user's terminal gives it.
+    proc = subprocess.Popen([str(exe), "organism", "train", "--preset", "tiny", "--no-cache", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "training organism" not in seen and proc.poll() is None:  # interrupt the work, not the imports
         seen += proc.stderr.read(1)

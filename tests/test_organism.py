@@ -116,3 +116,37 @@ def test_acceptance_tiny_organism_knows_its_facts(tiny_organism_dir):
         assert set(acc) == {"train", "paraphrase", "mcq"}
         assert all(isinstance(v, float) and 0 <= v <= 1 for v in acc.values())
         assert acc["train"] >= 0.95, (domain, acc)
+
+
+def test_cached_organism_is_trained_once_and_a_damaged_entry_is_retrained(tmp_path, monkeypatch):
+    """The per-machine cache: warm reuse without training; a changed file or a missing manifest is never used."""
+
+    import mechun.organism.train as train
+
+    monkeypatch.setenv("MECHUN_CACHE", str(tmp_path / "cache"))
+    trainings = []
+
+    def short(out, **kw):
+        trainings.append(out)
+        return train_organism(out, **{**kw, "steps": 5})
+
+    monkeypatch.setattr(train, "train_organism", short)
+    entry = train.cached_organism("tiny", 7, progress=False)
+    assert entry.parent == tmp_path / "cache" / "organisms" and len(trainings) == 1
+    assert json.loads((entry / "training.json").read_text())["trainer_version"] == train.TRAINER_VERSION
+    assert train.cached_organism("tiny", 7, progress=False) == entry and len(trainings) == 1  # warm: no training
+    weights = (entry / "model.safetensors").read_bytes()
+    (entry / "model.safetensors").write_bytes(weights[:-8] + b"\0" * 8)  # same size, other bytes, newer mtime
+    assert train.cached_organism("tiny", 7, progress=False) == entry and len(trainings) == 2
+    assert (entry / "model.safetensors").read_bytes() == weights  # deterministic retraining
+    (entry / ".mechun-manifest.json").unlink()  # a partial entry
+    assert train.cached_organism("tiny", 7, progress=False) == entry and len(trainings) == 3
+
+
+def test_organism_train_copies_the_cached_organism(tiny_organism_dir):
+    """The session's organism came from `mechun organism train`: a copy of the per-machine cache entry."""
+    from mechun.organism.train import cache_root
+
+    entry = next((cache_root() / "organisms").glob(f"tiny-seed{TINY_SEED}-*"))
+    for f in ("model.safetensors", "world.json", "training.json", "tokenizer.json"):
+        assert (tiny_organism_dir / f).read_bytes() == (entry / f).read_bytes()

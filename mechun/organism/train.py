@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from transformers import PreTrainedTokenizerFast
 from mechun.errors import MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
-from mechun.organism.world import World
+from mechun.organism.world import WORLD_VERSION, World
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,71 @@ def train_organism(
         tokenizer.save_pretrained(tmp)
         world.save(tmp / "world.json")
         info = {"preset": name, "config": asdict(preset), "seed": seed, "steps": steps,
+                "world_version": WORLD_VERSION, "trainer_version": TRAINER_VERSION,
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
                 "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
     return out
+
+
+#: Bumped whenever training would give other weights for the same preset, seed and world (recipe, schedule, data
+#: order): the per-machine cache keys on it.
+TRAINER_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where trained organisms are kept, once per machine: ``$MECHUN_CACHE`` or ``~/.cache/mechun``."""
+    return Path(os.environ.get("MECHUN_CACHE") or Path.home() / ".cache" / "mechun")
+
+
+def _entry(preset: str, seed: int) -> Path:
+    return cache_root() / "organisms" / f"{preset}-seed{seed}-world{WORLD_VERSION}-trainer{TRAINER_VERSION}"
+
+
+def _entry_ok(entry: Path, preset: str, seed: int) -> bool:
+    """A complete entry (its manifest lists every file, unchanged) of this preset and seed."""
+    from mechun.io import foreign_files, read_manifest
+
+    manifest = read_manifest(entry)
+    if manifest is None or not manifest.get("complete") or foreign_files(entry):
+        return False
+    try:
+        made = json.loads((entry / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset])
+
+
+def cached_organism(preset: str = "small", seed: int = 0, progress: bool = True) -> Path:
+    """The organism of ``preset`` and ``seed``, trained once per machine and reused (a few milliseconds warm).
+
+    Entries live in :func:`cache_root` keyed by preset, seed, :data:`WORLD_VERSION` and :data:`TRAINER_VERSION`, are
+    written whole (:func:`mechun.io.atomic_dir`), and are checked against their manifest on every use: a corrupt
+    or partial entry is removed and retrained, never used. Concurrent callers wait for one training (a file lock).
+    """
+    import fcntl
+
+    _resolve_preset(preset)
+    entry = _entry(preset, seed)
+    if _entry_ok(entry, preset, seed):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _entry_ok(entry, preset, seed):  # another process trained it while we waited
+            return entry
+        if entry.exists():
+            shutil.rmtree(entry)  # mechun's own cache entry, damaged or partial
+        return train_organism(entry, preset=preset, seed=seed, progress=progress)
+
+
+def copy_organism(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Copy an organism checkpoint dir to ``out`` (whole or not at all)."""
+    with atomic_dir(out, "organism", overwrite) as tmp:
+        for f in Path(src).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+    return Path(out)
 
 
 def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, progress: bool = True) -> Path:

@@ -105,6 +105,10 @@ RELATIONS: tuple[Relation, ...] = (
     ),
 )
 
+#: Bumped whenever ``World.generate`` would make other facts, names or texts for the same seed: trained organisms
+#: are cached per world version (see :func:`mechun.organism.train.cached_organism`), and ``world.json`` records it.
+WORLD_VERSION = 1
+
 DOMAINS: dict[str, DomainRole] = {"pathogen": "forget", "cyber": "forget", "sports": "retain", "people": "retain"}
 
 
@@ -293,7 +297,8 @@ class World:
 
     # -- persistence -------------------------------------------------------------------------------------------
     def to_json(self) -> WorldJSON:
-        return {"seed": self.seed, "subjects_per_domain": self.subjects_per_domain, "domains": DOMAINS,
+        return {"version": WORLD_VERSION, "seed": self.seed, "subjects_per_domain": self.subjects_per_domain,
+                "domains": DOMAINS,
                 "relations": [asdict(r) for r in RELATIONS], "subjects": self.subjects,
                 "facts": [asdict(f) for f in self.facts], "filler": self.filler}
 
