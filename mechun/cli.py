@@ -104,6 +104,10 @@ def _finite_positive_float(text: str) -> float:
     return _float(text, lambda v: v > 0, "a finite number > 0")
 
 
+def _fraction(text: str) -> float:
+    return _float(text, lambda v: 0 <= v <= 1, "a frequency between 0 and 1")
+
+
 def _non_negative_float(text: str) -> float:
     return _float(text, lambda v: v >= 0, "a finite number >= 0")
 
@@ -173,8 +177,15 @@ def _out_option(p: Parser, help: str, required: bool = True) -> None:
                    help="replace an earlier mechun output at --out (never a file mechun did not write)")
 
 
+def _seed(text: str) -> int:
+    value = _int(text, 0, "a seed between 0 and 2**32 - 1")
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed between 0 and 2**32 - 1, got {text!r}")
+    return value
+
+
 def _seed_option(p: Parser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
 
 
 def _progress_option(p: Parser) -> None:
@@ -491,6 +502,8 @@ def _add_edit(sub: Subparsers) -> None:
 def _check_edit(parser: Parser, args: argparse.Namespace) -> None:
     if args.mode == "edit" and not args.new_answer:
         parser.error("--mode edit needs --new-answer")
+    if not [s for s in args.subjects.split(";") if s.strip()]:
+        parser.error("--subjects needs at least one subject (separate several with ';')")
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -552,7 +565,12 @@ def _add_sae_train(sub: Subparsers) -> None:
     _world_option(p)
     _model_options(p)
     _out_option(p, "new SAE directory")
-    _command(p, _cmd_sae_train)
+    _command(p, _cmd_sae_train, _check_sae_train)
+
+
+def _check_sae_train(parser: Parser, args: argparse.Namespace) -> None:
+    if args.architecture == "topk" and args.k > args.d_sae:
+        parser.error(f"--k {args.k} is more than --d-sae {args.d_sae}: a top-k SAE keeps k of its d_sae features")
 
 
 def _cmd_sae_train(args: argparse.Namespace) -> int:
@@ -576,7 +594,7 @@ def _add_sae_unlearn(sub: Subparsers) -> None:
     p.add_argument("--model", required=True, help="organism checkpoint dir")
     p.add_argument("--sae", required=True, help="SAE dir written by `mechun sae train` (or any sae-lens dir)")
     p.add_argument("--forget", required=True, help="forget domain, e.g. pathogen")
-    p.add_argument("--threshold", type=_non_negative_float, default=_default(select_features, "retain_threshold"),
+    p.add_argument("--threshold", type=_fraction, default=_default(select_features, "retain_threshold"),
                    help="max activation frequency on retain text (default: %(default)s)")
     p.add_argument("--n", type=_positive_int, default=_default(select_features, "n"),
                    help="number of features (default: %(default)s)")
@@ -672,7 +690,7 @@ def _depth_organism_card(args: argparse.Namespace, cfg: DepthConfig,
     world.check_model(base)
     steering = None
     if (Path(args.unlearned) / "rmu.json").is_file():
-        steering = load_steering(args.unlearned).get(args.forget)
+        steering = load_steering(args.unlearned, int(base.cfg.d_model)).get(args.forget)
     return depth_card(base, unlearned, world, args.forget, method=args.method or Path(args.unlearned).name,
                       relearn_copy=lambda: load_model(args.unlearned, **_load_kwargs(args)), steering=steering,
                       config=replace(cfg, relearn_steps=tuple(args.relearn_steps)), log=log)

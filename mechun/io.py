@@ -101,6 +101,7 @@ def _ordinary_permissions(path: Path) -> None:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """``with atomic_file(p) as tmp: write(tmp)``: ``p`` appears only once the body has finished writing ``tmp``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as output dirs do
     clean_stale_temps(path.parent)
     tmp = temp_sibling(path)
     try:

@@ -223,6 +223,10 @@ def junk_recovery(
     scores so they are not recomputed. ``intervention`` (e.g. SAE clamping) is entered around every forward of
     the unlearned model. The random control uses a direction seeded ``seed + CONTROL_SEED_OFFSET``."""
     layer = diagnosis.peak_layer() if layer is None else check_layer(unlearned, layer)
+    if not bool(diagnosis.directions["mean_diff"][layer].any()):
+        raise MechunError(f"the unlearned model's forget activations at layer {layer} equal the base model's, so "
+                          "there is no junk direction to project out: are the base and unlearned models the same "
+                          "checkpoint?")
     rec = JunkRecovery(layer, diagnosis.direction(layer), forget)
     before = before or {}
     rec.scores["base"] = before["base"] if "base" in before else score(base)
@@ -297,7 +301,7 @@ def junk_pair_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Pa
     forget = forget or meta.get("forget_domain") or (meta.get("config", {}).get("forget_domains") or [None])[0]
     if forget not in DOMAINS:
         raise MechunError(f"pass --forget DOMAIN (one of {list(DOMAINS)}); could not read it from rmu.json")
-    steering = load_steering(unlearned_dir).get(forget) if rmu_json.is_file() else None
+    steering = load_steering(unlearned_dir, d_model(base)).get(forget) if rmu_json.is_file() else None
     fp = [p.text for p in world.prompts(forget)]
     rp = [p.text for d in retain_domains() for p in world.prompts(d)]
     diag = diagnose_junk(base, unl, fp, rp, steering=steering)

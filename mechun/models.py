@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import torch
 from jaxtyping import Int
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from mechun.errors import CheckpointError, DeviceError, MechunError, ModelMismatchError, VocabularyError
@@ -71,7 +70,13 @@ def resolve_source(path_or_name: str | os.PathLike) -> str:
     if p.exists():
         if not p.is_dir():
             raise MechunError(f"{s} is a file; pass the checkpoint *directory* written by save_pretrained")
-        if not (p / "config.json").is_file():
+        if (p / "config.json").is_file():
+            try:
+                json.loads((p / "config.json").read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({e}); the checkpoint is damaged: "
+                                      "re-save or re-download it") from e
+        else:
             raise MechunError(
                 f"{s} has no config.json: it is not a Hugging Face checkpoint dir. Train one with "
                 "`mechun organism train --out DIR` or save one with `mechun.save_model(model, DIR)`."
@@ -111,14 +116,14 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
                                                               device_map=device_map, output_loading_info=True)
-    except OSError as e:  # hub name offline, or a malformed dir
-        raise MechunError(
-            f"could not load {source!r}: {' '.join(str(e).split())}. Offline, pass a local checkpoint dir; online, "
-            "check the hub name."
-        ) from e
-    except (ValueError, RuntimeError, SafetensorError) as e:  # weights truncated, corrupt or of the wrong shapes
-        raise CheckpointError(f"{source}: the weights cannot be read ({' '.join(str(e).split())[:300]}); the "
-                              "checkpoint is damaged: re-save or re-download it") from e
+    except Exception as e:  # a hub name offline; or a local dir whose config, tokenizer or weights are damaged
+        if not Path(source).exists():
+            if isinstance(e, OSError):
+                raise MechunError(f"could not load {source!r}: {' '.join(str(e).split())}. Offline, pass a local "
+                                  "checkpoint dir; online, check the hub name.") from e
+            raise
+        raise CheckpointError(f"{source}: the checkpoint cannot be read ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); it is damaged: re-save or re-download it") from e
     check_loaded(source, info, hf_model, tokenizer)
     if tokenizer.pad_token is None:  # gpt2, llama: pad with eos; mechun always passes an attention mask
         tokenizer.pad_token = tokenizer.eos_token

@@ -28,7 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechun.errors import MechunError
+from mechun.errors import DamagedFileError, MechunError
 from mechun.hooks import StopForward, bare_layer_hooks
 from mechun.models import (
     Model,
@@ -255,8 +255,20 @@ def save_unlearned(model: Model, result: RMUResult, out_dir: str | Path, extra: 
                       overwrite=overwrite)
 
 
-def load_steering(model_dir: str | Path) -> dict[str, Tensor]:
+def load_steering(model_dir: str | Path, d_model: int | None = None) -> dict[str, Tensor]:
+    """The steering vectors of ``rmu.json`` (forget domain -> ``d_model`` vector), checked: one finite vector of
+    ``d_model`` numbers per domain, else a :class:`DamagedFileError` naming the file."""
     p = Path(model_dir) / "rmu.json"
     if not p.is_file():
         raise MechunError(f"no rmu.json in {model_dir}; was it made by mechun rmu?")
-    return {k: torch.tensor(v) for k, v in json.loads(p.read_text())["steering_vectors"].items()}
+    try:
+        vectors = {k: torch.tensor(v, dtype=torch.float32)
+                   for k, v in json.loads(p.read_text())["steering_vectors"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedFileError(f"{p} is damaged ({type(e).__name__}: {e}); re-run mechun rmu") from e
+    for k, v in vectors.items():
+        if v.ndim != 1 or (d_model is not None and v.numel() != d_model) or not bool(torch.isfinite(v).all()):
+            raise DamagedFileError(f"{p}: the steering vector for {k!r} has shape {tuple(v.shape)}"
+                                   f"{f', not ({d_model},)' if d_model else ''} or non-finite values; the file is "
+                                   "damaged or belongs to another model: re-run mechun rmu")
+    return vectors

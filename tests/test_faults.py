@@ -604,3 +604,63 @@ def test_loading_an_intact_checkpoint_still_works(victim):
     (victim / "tokenizer_config.json").unlink()
     with pytest.raises(CheckpointError):
         load_model(victim, device="cpu")
+
+
+# -- found by a second pair of eyes trying the command as a new user ---------------------------------------------------
+def test_damaged_training_json_is_named(victim, tmp_path, capsys):
+    (victim / "training.json").write_text("garbage{")
+    refused(capsys, tmp_path, ["rmu", "--model", victim, "--forget", "pathogen", "--out", tmp_path / "r"],
+            "training.json is damaged")
+
+
+@pytest.mark.parametrize("config", ['{"n_layer": ', None], ids=["bad-json", "bad-field"])
+def test_damaged_config_json_is_named(victim, tmp_path, capsys, config):
+    cfg = victim / "config.json"
+    if config is None:
+        config = json.dumps({**json.loads(cfg.read_text()), "n_layer": "three"})
+    cfg.write_text(config)
+    line = refused(capsys, tmp_path, ["eval", "--model", victim], "damaged")
+    assert "hub name" not in line and "unexpected" not in line
+
+
+def test_a_steering_vector_of_the_wrong_size_is_named(victim, tmp_path, capsys):
+    (victim / "rmu.json").write_text(json.dumps({"forget_domain": "pathogen", "config": {"layer": 1},
+                                                 "steering_vectors": {"pathogen": [0.1] * 10}}))
+    refused(capsys, tmp_path, ["junk", "--base", victim, "--unlearned", victim, "--out", tmp_path / "j"],
+            "rmu.json", "steering vector")
+
+
+def test_the_same_model_as_base_and_unlearned_is_named(tiny_organism_dir, tmp_path, capsys):
+    refused(capsys, tmp_path, ["junk", "--base", tiny_organism_dir, "--unlearned", tiny_organism_dir, "--forget",
+                               "pathogen", "--out", tmp_path / "j"], "same checkpoint")
+
+
+def test_a_world_with_a_bogus_domain_is_damaged(victim, tmp_path, capsys):
+    w = json.loads((victim / "world.json").read_text())
+    w["facts"][0]["domain"] = "bogus"
+    (victim / "world.json").write_text(json.dumps(w))
+    refused(capsys, tmp_path, ["eval", "--model", victim], "world.json", "damaged")
+
+
+def test_a_fifo_is_not_a_world_file(tiny_organism_dir, tmp_path, capsys):
+    os.mkfifo(tmp_path / "w.json")
+    refused(capsys, tmp_path, ["eval", "--model", tiny_organism_dir, "--world", tmp_path / "w.json"],
+            "not a regular file")
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["sae", "train", "--model", NOPE, "--layer", "1", "--architecture", "topk", "--d-sae", "8", "--k", "16"], "--k"),
+    (["organism", "train", "--preset", "tiny", "--seed", "99999999999999999999"], "--seed"),
+    (["edit", "--model", NOPE, "--relation", "sport", "--subjects", " ; "], "--subjects"),
+], ids=["topk-k", "seed", "subjects"])
+def test_more_usage_errors_before_any_work(argv, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and option in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_file_out_in_a_new_folder_is_written(tiny_organism_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "new" / "dir" / "c.safetensors"
+    code, _, err = run(capsys, "cache", "--model", tiny_organism_dir, "--prompts", prompts, "--layers", "0",
+                       "--out", out)
+    assert code == 0 and out.is_file(), err

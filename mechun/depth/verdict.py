@@ -56,7 +56,11 @@ def verdict(card: DepthCard) -> Verdict:
     not_forgotten = [f for f, v in shares.items() if not _nan(v) and v < REMOVED]
     unknown = [f for f, v in shares.items() if _nan(v)]
     primary = card.primary_format
-    if _nan(shares[primary]) or shares[primary] < MIN_FORGOTTEN:
+    if _nan(shares[primary]):
+        line = (f"The removed share in the {primary} format is undefined (the base model is at or below chance "
+                "there, so it had nothing to forget): nothing to call removed or hidden.")
+        return Verdict([], [], [", ".join(shares)], line, dict(THRESHOLDS))
+    if shares[primary] < MIN_FORGOTTEN:
         line = (f"Too little was forgotten in the {primary} format (removed share {shares[primary]:.0%} < "
                 f"{MIN_FORGOTTEN:.0%}) for recovery tests to mean anything: nothing to call removed or hidden.")
         return Verdict([], [], [", ".join(shares)], line, dict(THRESHOLDS))

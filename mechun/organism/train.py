@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mechun.errors import MechunError, OutputError
+from mechun.errors import DamagedFileError, MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import WORLD_VERSION, World
@@ -242,4 +242,14 @@ def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, p
 def mcq_orders_trained(ckpt: str | Path, default: int = 2) -> int:
     """How many MCQ option orders per fact the organism at ``ckpt`` was trained on (its forget corpus has these)."""
     info = Path(ckpt) / "training.json"
-    return json.loads(info.read_text())["config"]["mcq_per_fact"] if info.is_file() else default
+    if not info.is_file():
+        return default
+    try:
+        value = json.loads(info.read_text())["config"]["mcq_per_fact"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedFileError(f"{info} is damaged ({type(e).__name__}: {e}); copy it back from the organism it "
+                               "came with") from e
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DamagedFileError(f"{info}: config.mcq_per_fact is {value!r}, not a positive integer; the file is "
+                               "damaged: copy it back from the organism it came with")
+    return value

@@ -312,6 +312,8 @@ class World:
         p = Path(path)
         if p.is_dir():
             p = p / "world.json"
+        if p.exists() and not p.is_file():
+            raise MechunError(f"{p} is not a regular file; pass the path of a world.json")
         if not p.is_file():
             raise MechunError(f"no world.json at {p}; organism checkpoints have one (mechun organism train)")
         try:
@@ -325,7 +327,28 @@ class World:
         except (KeyError, TypeError) as e:
             raise MechunError(f"{p} is not a mechun world file (missing or bad field: {e})") from e
         world.source = p
+        world._validate(p)
         return world
+
+    def _validate(self, where: Path) -> None:
+        """A world file someone edited must still describe a world this code can evaluate."""
+        def bad(what: str) -> DamagedFileError:
+            return DamagedFileError(f"{where}: {what}; the file is damaged: copy it back from the checkpoint it "
+                                    "came with")
+
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad(f"seed is {self.seed!r}, not an integer")
+        if isinstance(self.subjects_per_domain, bool) or not isinstance(self.subjects_per_domain, int):
+            raise bad(f"subjects_per_domain is {self.subjects_per_domain!r}, not an integer")
+        if not self.facts or not self.subjects:
+            raise bad("it has no facts or no subjects")
+        for f in self.facts:
+            if f.domain not in DOMAINS or self.subjects.get(f.subject) != f.domain:
+                raise bad(f"fact {f} has domain {f.domain!r}; domains are {list(DOMAINS)} and must match the "
+                          "subject's")
+            values = next((r.values for r in RELATIONS if r.name == f.relation and r.domain == f.domain), None)
+            if values is None or f.answer not in values:
+                raise bad(f"fact {f} has an unknown relation or answer")
 
     def same_facts(self, other: World) -> bool:
         return self.subjects == other.subjects and self.facts == other.facts
