@@ -431,8 +431,13 @@ def _localize_patching(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _localize_trace(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mechun.errors import VocabularyError
     from mechun.localize import causal_trace
+    from mechun.models import word_ids
 
+    if len(word_ids(model, args.answer, "--answer")) != 1:
+        raise VocabularyError(f"--answer {args.answer!r} is {len(word_ids(model, args.answer))} tokens; causal tracing "
+                              "scores the probability of one token: pass the answer's first token")
     subjects = None
     if args.noise_rule == "subjects" and (args.world or (Path(args.model) / "world.json").is_file()):
 
@@ -608,6 +613,7 @@ def _add_sae_unlearn(sub: Subparsers) -> None:
 
 
 def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
+    from mechun.errors import MechunError
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
     from mechun.organism.train import mcq_orders_trained
@@ -617,6 +623,9 @@ def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
     model = load_model(args.model, **_load_kwargs(args))
     world.check_model(model)
     sae = load_sae(args.sae)
+    if args.n > int(sae.W_dec.shape[0]):
+        raise MechunError(f"--n {args.n} is more than the SAE's {int(sae.W_dec.shape[0])} features; pass --n "
+                          f"{int(sae.W_dec.shape[0])} or fewer")
     forget, retain = world.corpora([args.forget], mcq_per_fact=mcq_orders_trained(args.model))
     feats = select_features(feature_stats(model, sae, forget[args.forget]), feature_stats(model, sae, retain),
                             retain_threshold=args.threshold, n=args.n)

@@ -664,3 +664,23 @@ def test_a_file_out_in_a_new_folder_is_written(tiny_organism_dir, prompts, tmp_p
     code, _, err = run(capsys, "cache", "--model", tiny_organism_dir, "--prompts", prompts, "--layers", "0",
                        "--out", out)
     assert code == 0 and out.is_file(), err
+
+
+def test_a_multi_token_answer_is_refused_in_causal_tracing(tiny_organism_dir, tiny_world, tmp_path, capsys):
+    fact = _fact(tiny_world)
+    refused(capsys, tmp_path, ["localize", "--model", tiny_organism_dir, "--method", "causal-tracing", "--prompt",
+                               tiny_world.prompts(facts=[fact])[0].text, "--subject", fact.subject, "--answer",
+                               f"{fact.answer} {fact.answer}"], "2 tokens", "first token")
+
+
+def test_more_sae_features_than_the_sae_has(tiny_organism_dir, tmp_path, capsys):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from mechun.models import load_model
+    from mechun.sae import save_sae
+
+    cfg = StandardSAEConfig(d_in=int(load_model(tiny_organism_dir, device="cpu").cfg.d_model), d_sae=8)
+    cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    save_sae(StandardSAE(cfg), tmp_path / "sae")
+    refused(capsys, tmp_path, ["sae", "unlearn", "--model", tiny_organism_dir, "--sae", tmp_path / "sae",
+                               "--forget", "pathogen", "--n", "100"], "--n 100", "8 features")
