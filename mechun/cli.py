@@ -215,7 +215,8 @@ def _add_organism(sub: Subparsers) -> None:
     org_sub = org.add_subparsers(dest="organism_command", required=True)
     p = org_sub.add_parser("train", help="train and save an organism checkpoint dir (config, weights, world.json)")
     p.add_argument("--preset", choices=list(PRESETS), default="small",
-                   help="tiny: seconds, for tests; small: about a minute, the main job (default: %(default)s)")
+                   help="tiny: seconds, for tests; small: about 2.5 minutes once per machine (then cached), the "
+                        "main job (default: %(default)s)")
     _seed_option(p)
     _out_option(p, "new checkpoint directory")
     p.add_argument("--no-cache", action="store_true",
