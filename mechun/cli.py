@@ -432,16 +432,10 @@ def _localize_patching(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _localize_trace(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from mechun.errors import VocabularyError
     from mechun.localize import causal_trace
-    from mechun.models import word_ids
 
-    if len(word_ids(model, args.answer, "--answer")) != 1:
-        raise VocabularyError(f"--answer {args.answer!r} is {len(word_ids(model, args.answer))} tokens; causal tracing "
-                              "scores the probability of one token: pass the answer's first token")
     subjects = None
     if args.noise_rule == "subjects" and (args.world or (Path(args.model) / "world.json").is_file()):
-
         subjects = sorted(_world(args, args.model).subjects)  # ROME: every subject of the dataset
     res = causal_trace(model, args.prompt, args.answer, args.subject, kind=args.kind, samples=args.samples,
                        seed=args.seed, noise_rule=args.noise_rule, subjects=subjects)

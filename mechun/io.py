@@ -31,7 +31,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,10 @@ def check_out_dir(out: str | Path, overwrite: bool = False, option: str = "--out
                 raise OutputError(f"{option} {out} exists and is not empty; choose a new {option}, or pass "
                                   "--overwrite to replace an earlier mechun output there")
             _check_replaceable(out, option)
+    return _check_room(out, option, need_bytes)
+
+
+def _check_room(out: Path, option: str, need_bytes: int) -> Path:
     check_writable(out, option)
     if need_bytes:
         check_free_space(out, need_bytes, "the output", option)
@@ -283,19 +287,16 @@ def check_out_file(out: str | Path, overwrite: bool = False, is_mine: Callable[[
         if out.is_symlink() or is_mine is None or not is_mine(out):
             raise OutputError(f"{option} {out} was not written by mechun; --overwrite replaces only mechun's own "
                               f"files; choose a new {option}")
-    check_writable(out, option)
-    if need_bytes:
-        check_free_space(out, need_bytes, "the output", option)
-    return out
+    return _check_room(out, option, need_bytes)
 
 
 # -- output directories ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, kind: str, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, kind: str, overwrite: bool = False, need_bytes: int = 0) -> Iterator[Path]:
     """``with atomic_dir(out, "checkpoint") as tmp: write into tmp``: ``out`` appears whole, with a manifest, once
     the body has finished; if it fails nothing is left. With ``overwrite`` an earlier mechun output at ``out`` is
     replaced (checked by :func:`check_out_dir`); it stays as it was if the body fails."""
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, overwrite, need_bytes=need_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent)
     tmp = temp_sibling(out)
@@ -304,13 +305,13 @@ def atomic_dir(out: str | Path, kind: str, overwrite: bool = False) -> Iterator[
         yield tmp
         write_manifest(tmp, kind)
         _ordinary_permissions(tmp)
-        _publish(tmp, out, overwrite)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, out: Path) -> None:
     if _is_empty_dir(out):
         out.rmdir()
     if out.exists():
@@ -324,12 +325,11 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def run_dir(out: str | Path, kind: str, overwrite: bool = False, keep: Iterable[str] = ()) -> Iterator[Path]:
+def run_dir(out: str | Path, kind: str, overwrite: bool = False) -> Iterator[Path]:
     """An output directory filled in place by a long analysis (which records its own paths in its results).
 
     ``out`` is checked as by :func:`check_out_dir`. An earlier mechun output there (with ``overwrite``) is moved
-    aside first -- except the entries named in ``keep`` (e.g. a trained organism the analysis reuses) -- and
-    removed once the run succeeds, or put back if it fails. A failed run removes what it wrote. While running, the
+    aside first and removed once the run succeeds, or put back if it fails. A failed run removes what it wrote. While running, the
     manifest says the run is incomplete; at the end it lists every file."""
     out = check_out_dir(out, overwrite)
     existed = out.exists()
@@ -337,19 +337,12 @@ def run_dir(out: str | Path, kind: str, overwrite: bool = False, keep: Iterable[
     if existed and not _is_empty_dir(out):
         old = temp_sibling(out, "old")
         out.rename(old)
-        out.mkdir()
-        for name in keep:
-            if (old / name).exists():
-                (old / name).rename(out / name)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, kind, complete=False)
     try:
         yield out
         write_manifest(out, kind)
     except BaseException:
-        for name in keep if old is not None else ():
-            if (out / name).exists() and not (old / name).exists():
-                (out / name).rename(old / name)
         shutil.rmtree(out, ignore_errors=True)
         if old is not None:
             old.rename(out)

@@ -116,8 +116,12 @@ def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
 
 
 def answer_prob_metric(model: Model, answer: str) -> Metric:
-    """p(first token of answer) at the last position."""
-    tok = word_ids(model, answer, "answer")[0]
+    """p(answer) at the last position, for a one-token answer (after a space), like :func:`logit_diff_metric`."""
+    toks = word_ids(model, answer, "answer")
+    if len(toks) != 1:
+        raise MechunError(f"answer {answer!r} is {len(toks)} tokens; the probability metric scores one token: pass "
+                          "the answer's first token")
+    tok = toks[0]
 
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().softmax(-1)[:, tok]

@@ -59,7 +59,7 @@ _SHORT_HOOKS: dict[HookKind, str] = {
 }
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") != 1
 
 
@@ -82,7 +82,7 @@ def resolve_source(path_or_name: str | os.PathLike) -> str:
                 "`mechun organism train --out DIR` or save one with `mechun.save_model(model, DIR)`."
             )
         return str(p.resolve())
-    if _looks_like_path(s):
+    if looks_like_path(s):
         raise FileNotFoundError(f"no checkpoint directory at {s}; check the path (a hub name has the form org/name)")
     return s
 
@@ -182,8 +182,8 @@ def _check_tokenizer(where: Path | str, tokenizer: Any, n_embeddings: int) -> No
     and encode a few ordinary words of its own vocabulary to known tokens."""
     n = len(tokenizer)
     special = set(tokenizer.all_special_ids)
-    words = [i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-             if i not in special and t.lstrip("Ġ▁ ").isalnum()][:8]
+    first = tokenizer.convert_ids_to_tokens(list(range(min(n, 4096))))  # the lowest ids: no sort of a 256k vocab
+    words = [i for i, t in enumerate(first) if i not in special and t and t.lstrip("Ġ▁ ").isalnum()][:8]
     text = " ".join(tokenizer.decode([i]).strip() for i in words)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
     unk = tokenizer.unk_token_id
@@ -262,15 +262,14 @@ def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, 
     JSON-serialisable objects written beside the weights."""
     from transformers import AutoModelForCausalLM
 
-    from mechun.io import atomic_dir, check_out_dir
+    from mechun.io import atomic_dir
 
-    check_out_dir(out_dir, overwrite, need_bytes=checkpoint_bytes(model))
     state = hf_state_dict(model)
     bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise CheckpointError(f"refusing to save {out_dir}: weight {bad!r} holds NaN or inf values (training "
                               "diverged? lower the learning rate or the steering coefficient)")
-    with atomic_dir(out_dir, "checkpoint", overwrite) as tmp:
+    with atomic_dir(out_dir, "checkpoint", overwrite, need_bytes=checkpoint_bytes(model)) as tmp:
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(hf_config(model))
         fresh.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True, assign=True)

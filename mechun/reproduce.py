@@ -55,15 +55,14 @@ def load_analysis(name: str) -> ModuleType:
     return module
 
 
-def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
-              log: Callable[[str], None] | None = None) -> Path:
+def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
     """Run analysis ``name`` into the output dir ``out`` (:func:`mechun.io.run_dir`: a new or empty dir, or with
     ``overwrite`` an earlier mechun output; a failed run leaves ``out`` as it was)."""
     from mechun.io import run_dir
 
     module = load_analysis(name)
     with run_dir(out, f"mechun reproduce {name}", overwrite) as d:
-        module.run(d, quick=quick, seed=seed, **({"log": log} if log else {}))
+        module.run(d, quick=quick, seed=seed)
     return Path(out)
 
 

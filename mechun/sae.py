@@ -50,7 +50,17 @@ from torch import Tensor
 from mechun.cache import cache_residuals
 from mechun.errors import DamagedFileError, MechunError, ModelMismatchError
 from mechun.hooks import hooks
-from mechun.models import HOOK_KINDS, Model, check_layer, d_model, hook_name, model_device, tokenize
+from mechun.models import (
+    HOOK_KINDS,
+    Model,
+    check_layer,
+    d_model,
+    hook_layer,
+    hook_name,
+    looks_like_path,
+    model_device,
+    tokenize,
+)
 
 #: How an intervention edits the selected features where they are active.
 SAEMode = Literal["clamp", "scale", "zero"]
@@ -74,9 +84,8 @@ def check_sae(model: Model, sae: Any, hook: str | None = None) -> str:
         raise ModelMismatchError(f"the SAE reads vectors of d_in={d_in} but the model's residual stream has "
                                  f"d_model={d_model(model)}: it was trained on another model; train one on this "
                                  "model (mechun sae train)")
-    parts = hook.split(".")
-    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
-        check_layer(model, int(parts[1]))
+    if hook_layer(hook) is not None:
+        check_layer(model, hook_layer(hook))
     return hook
 
 
@@ -165,15 +174,11 @@ def load_sae(path_or_release: str | Path, sae_id: str | None = None, device: str
         except Exception as e:  # sae-lens raises what its readers raise: JSON, safetensors, KeyError, ...
             raise DamagedFileError(f"{p} is not a readable sae-lens SAE dir ({type(e).__name__}: "
                                    f"{' '.join(str(e).split())[:200]}); recreate it with `mechun sae train`") from e
-    if p.exists() or _looks_local(str(path_or_release)):
+    if p.exists() or looks_like_path(str(path_or_release)):
         raise MechunError(f"{path_or_release} is not an SAE directory; pass the dir `mechun sae train` wrote")
     if sae_id is None:
         raise MechunError(f"{path_or_release} is not a local SAE dir; for the hub pass a release and sae_id")
     return SAE.from_pretrained(str(path_or_release), sae_id, device=device)
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 @dataclass

@@ -200,15 +200,14 @@ def test_run_dir_failure_restores_the_earlier_output(tmp_path):
         (d / "organism").mkdir()
         (d / "organism" / "w").write_text("weights")
     before = tree(out)
-    with pytest.raises(RuntimeError), run_dir(out, "test", overwrite=True, keep=("organism",)) as d:
-        assert (d / "organism" / "w").read_text() == "weights"  # kept for reuse
+    with pytest.raises(RuntimeError), run_dir(out, "test", overwrite=True) as d:
         (d / "results.json").write_text("half")
         raise RuntimeError("the analysis failed")
     assert tree(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["R"]  # no temp left beside it
-    with run_dir(out, "test", overwrite=True, keep=("organism",)) as d:
+    with run_dir(out, "test", overwrite=True) as d:
         (d / "results.json").write_text("new")
-    assert (out / "results.json").read_text() == "new" and (out / "organism" / "w").read_text() == "weights"
+    assert (out / "results.json").read_text() == "new" and not (out / "organism").exists()
 
 
 def test_run_dir_failure_in_a_new_dir_leaves_nothing(tmp_path):

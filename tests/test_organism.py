@@ -9,7 +9,7 @@ from conftest import TINY_SEED, run_cli
 from mechun import World
 from mechun.errors import MechunError, OutputError
 from mechun.organism.tokenizer import build_tokenizer
-from mechun.organism.train import ensure_organism, train_organism
+from mechun.organism.train import train_organism
 from mechun.organism.world import DOMAINS, LETTERS, RELATIONS, relations
 
 
@@ -98,12 +98,6 @@ def test_training_refuses_nonempty_out(tmp_path):
     with pytest.raises(MechunError, match="unknown preset"):
         train_organism(tmp_path / "y", "huge", progress=False)
     assert not (tmp_path / "y").exists()
-
-
-def test_ensure_organism_refuses_a_different_organism(tiny_organism_dir):
-    assert ensure_organism(tiny_organism_dir, "tiny", TINY_SEED) == tiny_organism_dir
-    with pytest.raises(OutputError, match="seed"):
-        ensure_organism(tiny_organism_dir, "tiny", TINY_SEED + 1)
 
 
 def test_acceptance_tiny_organism_knows_its_facts(tiny_organism_dir):

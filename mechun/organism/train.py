@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mechun.errors import DamagedFileError, MechunError, OutputError
+from mechun.errors import DamagedFileError, MechunError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import WORLD_VERSION, World
@@ -222,21 +222,6 @@ def copy_organism(src: str | Path, out: str | Path, overwrite: bool = False) -> 
             if f.is_file() and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
     return Path(out)
-
-
-def ensure_organism(out_dir: str | Path, preset: str = "small", seed: int = 0, progress: bool = True) -> Path:
-    """Reuse the organism at ``out_dir`` if it was trained with this preset and seed, else train it there."""
-    out = Path(out_dir)
-    info = out / "training.json"
-    if info.is_file():
-        made = json.loads(info.read_text())
-        if made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset]):
-            return out
-        raise OutputError(
-            f"{out} holds an organism trained with preset={made.get('preset')} seed={made.get('seed')}; "
-            f"remove it or choose another --out"
-        )
-    return train_organism(out, preset=preset, seed=seed, progress=progress)
 
 
 def mcq_orders_trained(ckpt: str | Path, default: int = 2) -> int:
