@@ -260,8 +260,8 @@ def _check_room(out: Path, option: str, need_bytes: int) -> Path:
 def _check_replaceable(out: Path, option: str) -> None:
     manifest = read_manifest(out)
     if manifest is None:
-        raise OutputError(f"{option} {out} was not written by mechun (no {MANIFEST}); --overwrite replaces only "
-                          f"mechun's own output; choose a new {option}")
+        raise OutputError(f"{option} {out} was not written by mechun (no readable {MANIFEST}); --overwrite "
+                          f"replaces only mechun's own output; choose a new {option}")
     if not manifest.get("complete", True):
         pid = manifest.get("pid")
         state = "still running" if manifest.get("host") == _HOST and pid and _alive(int(pid)) else "interrupted"
@@ -329,8 +329,8 @@ def run_dir(out: str | Path, kind: str, overwrite: bool = False) -> Iterator[Pat
     """An output directory filled in place by a long analysis (which records its own paths in its results).
 
     ``out`` is checked as by :func:`check_out_dir`. An earlier mechun output there (with ``overwrite``) is moved
-    aside first and removed once the run succeeds, or put back if it fails. A failed run removes what it wrote. While running, the
-    manifest says the run is incomplete; at the end it lists every file."""
+    aside first and removed once the run succeeds, or put back if it fails. A failed run removes what it wrote.
+    While running, the manifest says the run is incomplete; at the end it lists every file."""
     out = check_out_dir(out, overwrite)
     existed = out.exists()
     old = None

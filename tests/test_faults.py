@@ -86,7 +86,8 @@ def test_cache_overwrite_replaces_its_own_cache(tiny_organism_dir, prompts, tmp_
     from mechun import ResidualCache
 
     out = tmp_path / "c.safetensors"
-    code, _, err = run(capsys, "cache", "--model", tiny_organism_dir, "--prompts", prompts, "--layers", "0", "--out", out)
+    code, _, err = run(capsys, "cache", "--model", tiny_organism_dir, "--prompts", prompts, "--layers", "0",
+                       "--out", out)
     assert code == 0, err
     refused(capsys, tmp_path, ["cache", "--model", tiny_organism_dir, "--prompts", prompts, "--out", out],
             "already exists", "--overwrite")
@@ -683,3 +684,18 @@ def test_more_sae_features_than_the_sae_has(tiny_organism_dir, tmp_path, capsys)
     save_sae(StandardSAE(cfg), tmp_path / "sae")
     refused(capsys, tmp_path, ["sae", "unlearn", "--model", tiny_organism_dir, "--sae", tmp_path / "sae",
                                "--forget", "pathogen", "--n", "100"], "--n 100", "8 features")
+
+
+def test_a_cache_location_that_is_a_file_is_named(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cachefile").write_text("mine")
+    monkeypatch.setenv("MECHUN_CACHE", str(tmp_path / "cachefile"))
+    refused(capsys, tmp_path, ["organism", "train", "--preset", "tiny", "--out", tmp_path / "o"], "MECHUN_CACHE")
+
+
+def test_an_unreadable_manifest_is_not_trusted(tmp_path, capsys):
+    out = tmp_path / "R"
+    out.mkdir()
+    (out / ".mechun-manifest.json").write_text('{"files": ')
+    (out / "results.json").write_text("data")
+    refused(capsys, tmp_path, ["reproduce", "organism", "--quick", "--out", out, "--overwrite"],
+            "no readable .mechun-manifest.json")

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mechun.errors import DamagedFileError, MechunError
+from mechun.errors import DamagedFileError, MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import WORLD_VERSION, World
@@ -205,7 +205,11 @@ def cached_organism(preset: str = "small", seed: int = 0, progress: bool = True)
     entry = _entry(preset, seed)
     if _entry_ok(entry, preset, seed):
         return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"the organism cache {cache_root()} cannot hold entries ({e.strerror}: {e.filename}); set "
+                          "MECHUN_CACHE to a writable directory (default ~/.cache/mechun)") from e
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _entry_ok(entry, preset, seed):  # another process trained it while we waited
