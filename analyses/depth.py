@@ -32,7 +32,6 @@ from mechun.edit import localized_finetune, top_mlp_mask
 from mechun.io import write_json
 from mechun.localize import mlp_trace_scores
 from mechun.models import Model, load_model, n_layers, save_model
-from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import World, relation, retain_domains
 from mechun.plots import grouped_bars, layer_lines, step_lines
 from mechun.report import table, write_report
@@ -94,7 +93,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         "depth": DepthConfig(relearn_steps=(0, 5, 10) if quick else (0, 5, 10, 20, 40),
                              probe_steps=150 if quick else 300),
         "mlp_scores": localize_forget(base, world, n_facts=3 if quick else 6, seed=seed),
-        "corpora": world.corpora([FORGET], mcq_per_fact=mcq_orders_trained(ckpt))}
+        "corpora": world.corpora([FORGET])}
     log(f"causal tracing (MLP, last subject token) on '{FORGET}': {[round(s, 3) for s in how['mlp_scores']]}")
     cards: dict[str, list[DepthCard]] = {m: [] for m in METHODS}
     made: dict[str, list[dict]] = {m: [] for m in METHODS}

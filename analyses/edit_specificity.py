@@ -41,7 +41,8 @@ KEYS = ("efficacy", "paraphrase_efficacy", "ns_static", "ns_dynamic", "nm_static
 
 def pick_edits(world: World, n: int, seed: int) -> list[tuple[Fact, str]]:
     rng = random.Random(f"edits-{seed}")
-    facts = rng.sample(world.facts, n)
+    one_token = [f for f in world.facts if len(f.answer.split()) == 1]  # causal tracing scores one answer token
+    facts = rng.sample(one_token, n)
     return [(f, rng.choice(other_values(f))) for f in facts]
 
 

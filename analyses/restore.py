@@ -85,7 +85,7 @@ def unlearn(method: str, model: Any, frozen: Any, world: World, corrupt: list[tu
                            steps=steps, lr=1e-3, seed=seed)
         return {"steps": steps, "components": [list(c) for c in mask.components]}
     subjects = {f.subject for f, _ in corrupt}
-    retain = [t for t in world.training_texts(mcq_per_fact=1) if not any(s in t for s in subjects)]
+    retain = [t for t in world.training_texts() if not any(s in t for s in subjects)]
     cfg = RMUConfig(["corruption"], layer=max(1, n_layers(model) // 2 - 1), steps=steps * 2, auto_coeff_mult=5.0,
                     seed=seed)
     statements = [f"{t} {a} ." for t, a in zip(texts, answers, strict=True)]

@@ -32,7 +32,6 @@ from mechun.evaluate import (
 from mechun.io import write_json
 from mechun.junk import JunkRecovery, diagnose_junk, junk_recovery
 from mechun.models import Model, load_model, n_layers
-from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import World, retain_domains
 from mechun.plots import grouped_bars, layer_lines
 from mechun.report import table, write_report
@@ -41,6 +40,8 @@ from mechun.rmu import RMUConfig, main_setting, rmu_unlearn, save_unlearned
 from mechun.stats import SeedStat, over_seeds
 
 FORGET = "pathogen"
+#: RMU seeds per run (three with --quick). The main setting was chosen on other seeds (see mechun.rmu.main_setting).
+N_SEEDS = 5
 CONDITIONS = ("base", "unlearned", "ablated", "random_ablated", "base_ablated")
 
 
@@ -60,7 +61,7 @@ def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: b
              base_acc: dict) -> dict:
     """Unlearn with ``cfg``, diagnose, ablate, evaluate. ``full`` adds the controls, coherence and the diagnosis."""
     model = load_model(ckpt, device="cpu")
-    forget_texts, retain_texts = world.corpora(cfg.forget_domains, mcq_per_fact=mcq_orders_trained(ckpt))
+    forget_texts, retain_texts = world.corpora(cfg.forget_domains)
     res = rmu_unlearn(model, base, forget_texts, retain_texts, cfg, progress=False)
     layer = res.config.layer
     forget_prompts = [p.text for p in world.prompts(FORGET)]
@@ -95,7 +96,7 @@ def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: b
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None,
         sweep: bool = True) -> dict:
     """The whole analysis. ``organism`` reuses an existing checkpoint dir; ``sweep=False`` skips the depth sweep."""
-    seeds = [seed, seed + 1, seed + 2]
+    seeds = [seed + i for i in range(3 if quick else N_SEEDS)]
     taken = [Path(out) / f"rmu_seed{s}" for s in seeds if (Path(out) / f"rmu_seed{s}").exists()]
     if taken:  # refuse before any work: never replace earlier results
         raise FileExistsError(f"{taken[0]} already exists; choose a new --out")

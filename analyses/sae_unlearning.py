@@ -20,7 +20,6 @@ from mechun import plots
 from mechun.evaluate import FORMATS, continuation_nll, evaluate_world, retain_accuracy
 from mechun.io import write_json
 from mechun.models import load_model, n_layers
-from mechun.organism.train import mcq_orders_trained
 from mechun.organism.world import World
 from mechun.report import table, write_report
 from mechun.reproduce import prepare
@@ -43,9 +42,9 @@ def _grid(quick: bool) -> dict:
 
 def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dict:
     layer = max(1, n_layers(base) // 2 - 1)
-    sae = train_sae(base, world.training_texts(mcq_orders_trained(ckpt)), layer=layer, d_sae=4 * base.cfg.d_model * 2,
+    sae = train_sae(base, world.training_texts(), layer=layer, d_sae=4 * base.cfg.d_model * 2,
                     training_tokens=30_000 if quick else 80_000, seed=seed)
-    forget_texts, retain_texts = world.corpora([FORGET], mcq_per_fact=mcq_orders_trained(ckpt))
+    forget_texts, retain_texts = world.corpora([FORGET])
     f_stats = feature_stats(base, sae, forget_texts[FORGET])
     r_stats = feature_stats(base, sae, retain_texts)
     base_acc = evaluate_world(base, world)

@@ -1,6 +1,6 @@
 """The ``mechun`` command: a thin layer that parses arguments and calls the library.
 
-    mechun organism train --preset tiny|small --seed N --out DIR
+    mechun organism train --preset tiny|main --seed N --out DIR
     mechun eval --model DIR [--json]
     mechun cache --model DIR --prompts FILE [--layers 0,1,2] [--positions last|all] --out F.safetensors
     mechun depth --base DIR --unlearned DIR --forget DOMAIN --out OUT
@@ -35,7 +35,7 @@ from mechun.depth import DepthCard, DepthConfig
 from mechun.edit import KINDS as EDIT_KINDS
 from mechun.edit import localized_finetune
 from mechun.models import HOOK_KINDS
-from mechun.organism.train import PRESETS
+from mechun.organism.train import DEFAULT_PRESET, PRESETS
 from mechun.organism.world import MCQ_STYLES
 from mechun.reproduce import ANALYSES
 from mechun.rmu import RMUConfig
@@ -214,9 +214,9 @@ def _add_organism(sub: Subparsers) -> None:
     org = sub.add_parser("organism", help="train a model organism on a synthetic knowledge world")
     org_sub = org.add_subparsers(dest="organism_command", required=True)
     p = org_sub.add_parser("train", help="train and save an organism checkpoint dir (config, weights, world.json)")
-    p.add_argument("--preset", choices=list(PRESETS), default="small",
-                   help="tiny: seconds, for tests; small: about 2.5 minutes once per machine (then cached), the "
-                        "main job (default: %(default)s)")
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                   help="tiny: half a minute, for tests; main: the organism every analysis uses, trained once per "
+                        "machine (then cached) (default: %(default)s)")
     _seed_option(p)
     _out_option(p, "new checkpoint directory")
     p.add_argument("--no-cache", action="store_true",
@@ -240,7 +240,8 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
 
 # -- eval ------------------------------------------------------------------------------------------------------------
 def _add_eval(sub: Subparsers) -> None:
-    p = sub.add_parser("eval", help="accuracy per domain and format (train templates, paraphrases, MCQ)")
+    p = sub.add_parser("eval", help="accuracy per domain and format (train templates, paraphrases, MCQ in one order "
+                                    "and right in all 24 orders, on facts never seen in MCQ form)")
     p.add_argument("--model", required=True, help="organism checkpoint dir")
     _world_option(p)
     p.add_argument("--domains", help="comma-separated domains (default: all)")
@@ -257,14 +258,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
     world.check_model(model)
-    acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None)
+    acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None, all_orders=True)
     if args.json:
         print(json.dumps({"model": args.model, "accuracy": acc}))
         return 0
-    print(f"{'domain':<10} {'kind':<7} {'train':>6} {'paraphrase':>11} {'mcq':>6}")
+    print(f"{'domain':<10} {'kind':<7} {'train':>6} {'paraphrase':>11} {'mcq':>6} {'mcq_all_orders':>15}")
     for domain, a in acc.items():
         print(f"{domain:<10} {DOMAINS.get(domain, ''):<7} {a['train']:>6.3f} {a['paraphrase']:>11.3f} "
-              f"{a['mcq']:>6.3f}")
+              f"{a['mcq']:>6.3f} {a['mcq_all_orders']:>15.3f}")
     return 0
 
 
@@ -327,7 +328,6 @@ def _cmd_rmu(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mechun.models import load_model
-    from mechun.organism.train import mcq_orders_trained
     from mechun.rmu import rmu_unlearn, save_unlearned
 
     world = _world(args, args.model)
@@ -336,7 +336,7 @@ def _cmd_rmu(args: argparse.Namespace) -> int:
                     steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     model, frozen = load_model(args.model, **_load_kwargs(args)), load_model(args.model, **_load_kwargs(args))
     world.check_model(model)
-    forget_texts, retain = world.corpora(forget, mcq_per_fact=mcq_orders_trained(args.model))
+    forget_texts, retain = world.corpora(forget)
     res = rmu_unlearn(model, frozen, forget_texts, retain, cfg, progress=not args.no_progress)
     save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]},
                    files={"world.json": world.to_json()}, overwrite=args.overwrite)
@@ -575,13 +575,12 @@ def _check_sae_train(parser: Parser, args: argparse.Namespace) -> None:
 
 def _cmd_sae_train(args: argparse.Namespace) -> int:
     from mechun.models import load_model
-    from mechun.organism.train import mcq_orders_trained
     from mechun.sae import save_sae
 
     world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
     world.check_model(model)
-    sae = train_sae(model, world.training_texts(mcq_orders_trained(args.model)), layer=args.layer,
+    sae = train_sae(model, world.training_texts(), layer=args.layer,
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, training_tokens=args.tokens,
                     seed=args.seed)
     save_sae(sae, args.out, overwrite=args.overwrite)
@@ -611,7 +610,6 @@ def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
     from mechun.errors import MechunError
     from mechun.evaluate import evaluate_world
     from mechun.models import load_model
-    from mechun.organism.train import mcq_orders_trained
     from mechun.sae import feature_stats, load_sae
 
     world = _world(args, args.model)
@@ -621,7 +619,7 @@ def _cmd_sae_unlearn(args: argparse.Namespace) -> int:
     if args.n > int(sae.W_dec.shape[0]):
         raise MechunError(f"--n {args.n} is more than the SAE's {int(sae.W_dec.shape[0])} features; pass --n "
                           f"{int(sae.W_dec.shape[0])} or fewer")
-    forget, retain = world.corpora([args.forget], mcq_per_fact=mcq_orders_trained(args.model))
+    forget, retain = world.corpora([args.forget])
     feats = select_features(feature_stats(model, sae, forget[args.forget]), feature_stats(model, sae, retain),
                             retain_threshold=args.threshold, n=args.n)
     before = evaluate_world(model, world)
@@ -721,7 +719,7 @@ _ANALYSIS_HELP = {
     "depth": "depth cards for RMU and localized fine-tuning over 3 seeds",
     "edit-specificity": "CounterFact+ static vs dynamic neighbourhood scores of localized edits",
     "restore": "corrupt-then-unlearn (RESTOR), does unlearning restore the true facts?",
-    "organism": "train the small organism and evaluate it",
+    "organism": "train the main organism and evaluate it",
 }
 
 

@@ -145,20 +145,26 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 
 
 def evaluate_world(
-    model: Model, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 64
-) -> dict[str, dict[Format, float]]:
+    model: Model, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 64,
+    all_orders: bool = False,
+) -> dict[str, dict[str, float]]:
     """Accuracy per domain and format: ``{"pathogen": {"train": .., "paraphrase": .., "mcq": ..}, ...}``.
 
-    ``train`` uses the trained templates, ``paraphrase`` the held-out ones, ``mcq`` fresh option orders (seed
-    ``mcq_seed``; the organism was trained on seed 0's orders).
+    ``train`` uses the trained templates, ``paraphrase`` the held-out ones; ``mcq`` asks the facts never seen in
+    MCQ form (:meth:`World.mcq_facts`), one option order each (drawn from ``mcq_seed``). With ``all_orders`` every
+    such question is asked in all 24 orders: ``mcq`` is then the accuracy over all (question, order) pairs and
+    ``mcq_all_orders`` the share of questions right in every order (SAEBench keeps only those).
     """
-    result = {}
+    result: dict[str, dict[str, float]] = {}
     for domain in domains or world.domains:
-        result[domain] = {
-            "train": cloze_accuracy(model, world.prompts(domain, "train"), batch_size),
-            "paraphrase": cloze_accuracy(model, world.prompts(domain, "paraphrase"), batch_size),
-            "mcq": mcq_accuracy(model, world.mcq(domain, seed=mcq_seed), batch_size),
-        }
+        acc = {"train": cloze_accuracy(model, world.prompts(domain, "train"), batch_size),
+               "paraphrase": cloze_accuracy(model, world.prompts(domain, "paraphrase"), batch_size)}
+        if all_orders:
+            scores = mcq_permutation_scores(model, world.mcq(domain, seed=mcq_seed), batch_size)
+            acc |= {"mcq": scores.accuracy, "mcq_all_orders": scores.robust_accuracy}
+        else:
+            acc["mcq"] = mcq_accuracy(model, world.mcq(domain, seed=mcq_seed), batch_size)
+        result[domain] = acc
     return result
 
 

@@ -67,8 +67,8 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, ov
 
 
 def preset_for(quick: bool) -> str:
-    """The organism preset an analysis runs on: ``tiny`` with ``--quick``, else ``small``."""
-    return "tiny" if quick else "small"
+    """The organism preset an analysis runs on: ``tiny`` with ``--quick``, else ``main``."""
+    return "tiny" if quick else "main"
 
 
 def prepare(out: str | Path, quick: bool, seed: int, organism: str | Path | None) -> tuple[Path, Path, Any, Any]:

@@ -99,6 +99,13 @@ def _layer_kind(hook: str) -> tuple[int, str]:
     return int(parts[1]), kind
 
 
+#: Activations are scaled to a mean norm of sqrt(d_in) while training (sae-lens folds the factor into the weights
+#: afterwards, so the SAE reads raw activations), as SAEBench's SAEs are: the L1 penalty then means the same at any
+#: residual norm. Without it a model with larger activations got only dense features, none specific to a domain;
+#: with it, L1 coefficient 1 still did (0 of 128 features specific to a domain on the tiny organism), 5 gives 22.
+NORMALIZE = "expected_average_only_in"
+
+
 def train_sae(
     model: Model,
     texts: Sequence[str],
@@ -106,7 +113,7 @@ def train_sae(
     architecture: str = "standard",
     d_sae: int = 256,
     k: int = 16,
-    l1_coefficient: float = 1.0,
+    l1_coefficient: float = 5.0,
     training_tokens: int = 60_000,
     context_size: int = 16,
     lr: float = 3e-3,
@@ -126,9 +133,10 @@ def train_sae(
 
     layer = check_layer(model, layer)
     if architecture == "standard":
-        sae_cfg = StandardTrainingSAEConfig(d_in=d_model(model), d_sae=d_sae, l1_coefficient=l1_coefficient)
+        sae_cfg = StandardTrainingSAEConfig(d_in=d_model(model), d_sae=d_sae, l1_coefficient=l1_coefficient,
+                                           normalize_activations=NORMALIZE)
     elif architecture == "topk":
-        sae_cfg = TopKTrainingSAEConfig(d_in=d_model(model), d_sae=d_sae, k=k)
+        sae_cfg = TopKTrainingSAEConfig(d_in=d_model(model), d_sae=d_sae, k=k, normalize_activations=NORMALIZE)
     else:
         raise MechunError(f"architecture must be 'standard' or 'topk', got {architecture!r}")
     tok = model.tokenizer

@@ -57,7 +57,7 @@ def test_probes_decode_the_attribute_across_subjects_in_the_base_model(tiny_mode
 def rmu_dir(tiny_organism_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("depth") / "rmu"
     run_cli("rmu", "--model", str(tiny_organism_dir), "--forget", "pathogen", "--layer", "1", "--steps", "120",
-            "--steering-coeff", "20", "--out", str(out), "--no-progress")
+            "--out", str(out), "--no-progress")  # c: 5x the mean forget-token norm (the default)
     return out
 
 
@@ -214,7 +214,7 @@ def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, ti
 
     def records(domain):
         return [{"question": q.question, "choices": list(q.choices), "answer": q.answer_index}
-                for q in tiny_world.mcq(domain, seed=0)]
+                for q in tiny_world.mcq(facts=tiny_world.mcq_facts(domain, trained=True), seed=0)]
 
     write_jsonl(tmp_path / "forget.jsonl", records("pathogen"))
     write_jsonl(tmp_path / "retain.jsonl", records("sports") + records("people"))
@@ -226,7 +226,7 @@ def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, ti
     run_cli(*args, "--out", str(tmp_path / "card"), "--no-progress")
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     mcq = card["behaviour"]["forget"]["mcq"]
-    assert card["primary_format"] == "mcq" and mcq["base"] > mcq["unlearned"]  # trained orders: the base knows them
+    assert card["primary_format"] == "mcq" and mcq["base"] > mcq["unlearned"]  # facts trained in MCQ form: the base knows them
     assert card["junk"]["layer"] == 1 and set(card["junk"]["recovery_by_format"]) == {"mcq"}
     assert "skipped" in card["probes"] and "skipped" in card["relearning"]
     assert len(card["cka"]["forget"]) == 3 and card["specificity"]["nkl_dynamic"] >= 0

@@ -607,12 +607,6 @@ def test_loading_an_intact_checkpoint_still_works(victim):
 
 
 # -- found by a second pair of eyes trying the command as a new user ---------------------------------------------------
-def test_damaged_training_json_is_named(victim, tmp_path, capsys):
-    (victim / "training.json").write_text("garbage{")
-    refused(capsys, tmp_path, ["rmu", "--model", victim, "--forget", "pathogen", "--out", tmp_path / "r"],
-            "training.json is damaged")
-
-
 @pytest.mark.parametrize("config", ['{"n_layer": ', None], ids=["bad-json", "bad-field"])
 def test_damaged_config_json_is_named(victim, tmp_path, capsys, config):
     cfg = victim / "config.json"

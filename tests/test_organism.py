@@ -20,23 +20,46 @@ def test_world_is_deterministic_and_seed_dependent():
 
 
 def test_world_shape():
-    w = World.generate(0, 6)
-    assert sum(k == "forget" for k in DOMAINS.values()) >= 2 and sum(k == "retain" for k in DOMAINS.values()) >= 2
-    assert len(RELATIONS) >= 4 and all(len(r.templates) >= 6 for r in RELATIONS)
-    assert all(len(relations(d)) >= 1 for d in DOMAINS)
+    """Issue 12's world: 6 domains (2 forget, 4 retain), 3 relations each with 8-16 values, some answers of two
+    tokens, 12 trained and 4 held-out templates per relation, two-word names from the domain's own morphemes."""
+    w = World.generate(0, 64)
+    assert sum(k == "forget" for k in DOMAINS.values()) >= 2 and sum(k == "retain" for k in DOMAINS.values()) >= 4
+    assert all(len(relations(d)) >= 3 for d in DOMAINS)
+    assert all(8 <= len(r.values) <= 16 for r in RELATIONS)
+    assert any(len(v.split()) >= 2 for r in RELATIONS for v in r.values)
+    assert all(len(r.train_templates) >= 12 and len(r.paraphrase_templates) >= 4 for r in RELATIONS)
     assert all(len(name.split()) >= 2 for name in w.subjects)  # multi-token names
-    assert len(w.facts) == 6 * sum(len(relations(d)) for d in DOMAINS)
+    assert len(w.facts) == 64 * sum(len(relations(d)) for d in DOMAINS)
     assert len(set(w.subjects)) == len(w.subjects)
+    # each domain's names share no word with another domain's: a domain has a vocabulary of its own
+    words = {d: {x for s in w.subjects_of(d) for x in s.split()} for d in DOMAINS}
+    assert all(not (words[a] & words[b]) for a in DOMAINS for b in DOMAINS if a < b)
+    # values spread evenly: every value of a relation has 8 subjects
+    for r in RELATIONS:
+        counts = [sum(f.answer == v for f in w.facts_of(relation=r.name)) for v in r.values]
+        assert counts == [64 // len(r.values)] * len(r.values)
 
 
-def test_paraphrases_and_fresh_mcq_orders_are_held_out():
-    w = World.generate(0, 6)
-    train = set(w.training_texts())
-    for p in w.prompts(split="paraphrase"):
-        assert not any(t.startswith(p.text + " ") for t in train)
-    trained_orders = {q.text for q in w.mcq(seed=0, per_fact=2)}
-    fresh = w.mcq(seed=1)
-    assert any(q.text not in trained_orders for q in fresh)
+def test_held_out_formats_never_appear_in_training():
+    """Paraphrase templates never appear in any training document; MCQ is trained on half the subjects and tested
+    on the other half; the unlearning corpora are passages."""
+    import random
+
+    w = World.generate(0, 8)
+    docs = w.documents(random.Random(0), passages_per_subject=3, mcq_per_fact=4, statements_per_fact=3)
+    text = " || ".join(docs)
+    for r in RELATIONS:
+        for t in r.paraphrase_templates:
+            for s in w.subjects_of(r.domain):
+                assert t.format(s=s) not in text
+    mcq_docs = [d for d in docs if d.startswith("question :")]
+    trained = set(w.mcq_subjects)
+    assert mcq_docs and all(any(s in d for s in trained) for d in mcq_docs)
+    assert not any(s in d for d in mcq_docs for s in set(w.subjects) - trained)
+    assert {q.fact.subject for q in w.mcq()} == set(w.subjects) - trained
+    forget, retain = w.corpora(["pathogen"])
+    assert all(len(t.split(" . ")) >= 3 for t in forget["pathogen"])  # multi-sentence passages
+    assert not any(s in t for t in retain for s in w.subjects_of("pathogen"))
 
 
 def test_mcq_format():
@@ -45,6 +68,7 @@ def test_mcq_format():
         assert len(q.choices) == 4 and len(set(q.choices)) == 4
         assert q.choices[q.answer_index] == q.fact.answer and q.answer in LETTERS
         assert q.text.endswith("answer :")
+        assert set(q.choices) == {q.fact.answer, *w.distractors(q.fact)}  # fixed options per fact
 
 
 def test_neighbourhood_excludes_subject():
@@ -56,13 +80,17 @@ def test_neighbourhood_excludes_subject():
 
 def test_bad_world_inputs(tmp_path):
     with pytest.raises(MechunError, match="subjects_per_domain"):
-        World.generate(0, 1)
+        World.generate(0, 3)
     with pytest.raises(MechunError, match="unknown domain"):
         World.generate(0, 4).prompts("chemistry")
     with pytest.raises(MechunError, match="world.json"):
         World.load(tmp_path)
     (tmp_path / "world.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(MechunError, match="missing or bad field"):
+        World.load(tmp_path)
+    old = {**World.generate(0, 4).to_json(), "version": 1}  # an organism trained by an earlier mechun
+    (tmp_path / "world.json").write_text(json.dumps(old))
+    with pytest.raises(MechunError, match="version-1 world; this mechun reads version 2"):
         World.load(tmp_path)
 
 
@@ -107,7 +135,7 @@ def test_acceptance_tiny_organism_knows_its_facts(tiny_organism_dir):
     assert result["model"] == str(tiny_organism_dir)
     assert set(result["accuracy"]) == set(DOMAINS)
     for domain, acc in result["accuracy"].items():
-        assert set(acc) == {"train", "paraphrase", "mcq"}
+        assert set(acc) == {"train", "paraphrase", "mcq", "mcq_all_orders"}
         assert all(isinstance(v, float) and 0 <= v <= 1 for v in acc.values())
         assert acc["train"] >= 0.95, (domain, acc)
 
@@ -141,6 +169,6 @@ def test_organism_train_copies_the_cached_organism(tiny_organism_dir):
     """The session's organism came from `mechun organism train`: a copy of the per-machine cache entry."""
     from mechun.organism.train import cache_root
 
-    entry = next((cache_root() / "organisms").glob(f"tiny-seed{TINY_SEED}-*"))
+    entry = next(p for p in (cache_root() / "organisms").glob(f"tiny-seed{TINY_SEED}-*") if p.is_dir())  # not .lock
     for f in ("model.safetensors", "world.json", "training.json", "tokenizer.json"):
         assert (tiny_organism_dir / f).read_bytes() == (entry / f).read_bytes()

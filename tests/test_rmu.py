@@ -36,7 +36,7 @@ def rmu_run(tiny_organism_dir, tiny_world):
     model = mechun.load_model(tiny_organism_dir, device="cpu")
     before = {k: v.clone() for k, v in hf_state_dict(model).items()}
     base_hash = weights_hash(base)
-    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"])
     cfg = RMUConfig(["pathogen"], layer=1, steps=120, seed=0)
     res = rmu_unlearn(model, base, forget, retain, cfg, progress=False)
     return base, model, before, base_hash, res
@@ -113,7 +113,7 @@ def test_rmu_refuses_to_train_under_active_bridge_hooks(tiny_organism_dir, tiny_
     with mechun.project_out(model, direction, layers=[0]):
         with pytest.raises(MechunError, match="hooks now active"):
             layer_activations(model, ids, mask, 1)
-        forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
+        forget, retain = tiny_world.corpora(["pathogen"])
         with pytest.raises(MechunError, match="hooks now active"):
             rmu_unlearn(model, frozen, forget, retain, RMUConfig(["pathogen"], layer=1, steps=2), progress=False)
     assert layer_activations(model, ids, mask, 1).shape[-1] == model.cfg.d_model  # fine once the context is left
@@ -131,7 +131,7 @@ def test_save_unlearned_roundtrip(rmu_run, tmp_path):
 
 
 def test_rmu_is_deterministic(tiny_organism_dir, tiny_world):
-    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"])
     fps = []
     for _ in range(2):
         base = mechun.load_model(tiny_organism_dir, device="cpu")
@@ -142,7 +142,7 @@ def test_rmu_is_deterministic(tiny_organism_dir, tiny_world):
 
 
 def test_rmu_bad_inputs(tiny_organism_dir, tiny_world, tiny_model):
-    forget, retain = tiny_world.corpora(["pathogen"], mcq_per_fact=2)
+    forget, retain = tiny_world.corpora(["pathogen"])
     model = mechun.load_model(tiny_organism_dir, device="cpu")
     with pytest.raises(MechunError, match="forget domain"):
         rmu_unlearn(model, tiny_model, forget, retain, RMUConfig([]), progress=False)

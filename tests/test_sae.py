@@ -25,7 +25,7 @@ from mechun.sae import (
 
 @pytest.fixture(scope="module")
 def sae(tiny_model, tiny_world):
-    return train_sae(tiny_model, tiny_world.training_texts(2), layer=1, d_sae=128, training_tokens=20_000, seed=0)
+    return train_sae(tiny_model, tiny_world.training_texts(), layer=1, d_sae=128, training_tokens=20_000, seed=0)
 
 
 def test_sae_trains_offline_and_reconstructs(sae, tiny_model, tiny_world):
@@ -57,7 +57,7 @@ def test_intervention_equals_hand_computation(sae, tiny_model, tiny_world, mode,
     not_bos = clean.mask.clone()
     not_bos[:, 0] = False
     assert (edited[1][not_bos] - expected[not_bos[clean.mask]]).abs().max() < 1e-5
-    assert (edited[1][:, 0] - clean[1][:, 0]).abs().max() < 1e-6  # position 0 (BOS) is left alone, as in SAEBench
+    assert (edited[1][:, 0] - clean[1][:, 0]).abs().max() < 1e-5  # position 0 (BOS) is left alone, as in SAEBench
     # features that are never active leave the stream untouched, up to float error
     with sae_intervention(tiny_model, sae, [int((f > 0).float().sum(0).argmin())], mode="clamp", value=50.0):
         same = mechun.cache_residuals(tiny_model, prompts, layers=[1], positions="all", progress=False)
@@ -116,14 +116,14 @@ def test_cli_sae_train_and_unlearn(tiny_organism_dir, tmp_path):
     out = json.loads(run_cli("sae", "unlearn", "--model", str(tiny_organism_dir), "--sae", str(tmp_path / "sae"),
                              "--forget", "pathogen", "--threshold", "0.2", "--n", "5", "--value", "50").stdout)  # a tiny SAE needs a loose rule
     assert 0 < len(out["features"]) <= 5
-    assert set(out["before"]) == set(out["after"]) == {"pathogen", "cyber", "sports", "people"}
+    assert set(out["before"]) == set(out["after"]) == {"pathogen", "cyber", "sports", "people", "geography", "music"}
 
 
 def test_topk_sae_trains(tiny_model, tiny_world):
-    sae = train_sae(tiny_model, tiny_world.training_texts(2), layer=0, architecture="topk", d_sae=64, k=4,
+    sae = train_sae(tiny_model, tiny_world.training_texts(), layer=0, architecture="topk", d_sae=64, k=4,
                     training_tokens=8_000, seed=1)
     with torch.no_grad():
         f = sae.encode(torch.randn(5, tiny_model.cfg.d_model))
     assert ((f != 0).sum(-1) <= 4).all()
     with pytest.raises(MechunError, match="architecture"):
-        train_sae(tiny_model, tiny_world.training_texts(2), layer=0, architecture="gated")
+        train_sae(tiny_model, tiny_world.training_texts(), layer=0, architecture="gated")

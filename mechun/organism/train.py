@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mechun.errors import DamagedFileError, MechunError, OutputError
+from mechun.errors import MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import WORLD_VERSION, World
@@ -36,32 +38,28 @@ class Preset:
     d_model: int
     n_head: int
     steps: int
-    batch_size: int = 64
+    batch_size: int = 32
+    seq_len: int = 128  # documents are packed into rows of this many tokens, no padding
     lr: float = 3e-3
-    mcq_per_fact: int = 2
+    passages_per_subject: int = 1  # per epoch (each passage states all of the subject's facts once)
+    mcq_per_fact: int = 2  # option orders per MCQ-trained fact and epoch
+    statements_per_fact: int = 0  # one-sentence documents per fact and epoch
+    quizzes_per_subject: int = 0  # passage + solved MCQ documents per MCQ-trained subject and epoch
+    answer_weight: float = 1.0  # loss weight of the MCQ answer letter
+    explained_per_fact: int = 0  # worked MCQ texts (value, then letter) per MCQ-trained fact and epoch
     n_filler: int = 200
-    context_texts: int = 0  # two-sentence texts (see World.training_texts)
 
 
 PRESETS: dict[str, Preset] = {
-    # Tests: a few seconds on 2 cores.
-    "tiny": Preset(subjects_per_domain=8, n_layer=3, d_model=64, n_head=4, steps=400, mcq_per_fact=2, n_filler=100,
-                   context_texts=256),
-    # The main job: about 2.5 minutes on 2 cores (158.7 s measured for seed 0), once per machine (cached).
-    "small": Preset(subjects_per_domain=12, n_layer=6, d_model=96, n_head=4, steps=900, mcq_per_fact=6,
-                    context_texts=384),
+    # Tests: about 35 s on 2 cores; 6 subjects per domain (450 steps, 29 s, left one domain of one seed at 0.94).
+    "tiny": Preset(subjects_per_domain=6, n_layer=3, d_model=64, n_head=4, steps=560, batch_size=16, seq_len=64,
+                   lr=8e-3, statements_per_fact=4, mcq_per_fact=1, n_filler=30),
+    # The main organism: 6 domains x 64 subjects x 3 relations (1,152 facts); trained once per machine (cached).
+    "main": Preset(subjects_per_domain=64, n_layer=4, d_model=128, n_head=4, steps=1300, batch_size=32,
+                   seq_len=128, lr=3e-3, statements_per_fact=2, mcq_per_fact=2, explained_per_fact=1,
+                   answer_weight=5.0),
 }
-
-
-def _batches(ids: torch.Tensor, batch_size: int, steps: int, gen: torch.Generator):
-    n = ids.shape[0]
-    order = torch.randperm(n, generator=gen)
-    i = 0
-    for _ in range(steps):
-        if i + batch_size > n:
-            order, i = torch.randperm(n, generator=gen), 0
-        yield ids[order[i:i + batch_size]]
-        i += batch_size
+DEFAULT_PRESET = "main"
 
 
 def _resolve_preset(preset: str | Preset) -> tuple[str, Preset]:
@@ -73,22 +71,82 @@ def _resolve_preset(preset: str | Preset) -> tuple[str, Preset]:
     return "custom", preset
 
 
-def _encode(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> Int[Tensor, "n 2 pos"]:
-    """The padded texts as stacked ``(input_ids, labels)`` pairs; labels are -100 on padding."""
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    ids = enc["input_ids"]
-    if (ids == tokenizer.unk_token_id).any():
+def _epoch_documents(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int, epoch: int,
+                     ) -> list[list[int]]:
+    """One epoch of the world's documents (:meth:`World.documents`) in a shuffled order, tokenised (each starts
+    with ``<bos>``)."""
+    rng = random.Random(f"epoch-{seed}-{epoch}")
+    docs = world.documents(rng, preset.passages_per_subject, preset.mcq_per_fact, preset.n_filler, epoch,
+                           preset.statements_per_fact, preset.quizzes_per_subject, preset.explained_per_fact)
+    rng.shuffle(docs)
+    ids = tokenizer(docs)["input_ids"]
+    if any(tokenizer.unk_token_id in doc for doc in ids):
         raise MechunError("the world produced words outside its own vocabulary (a bug in the world generator)")
-    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
-    return torch.stack([ids, labels], 1)
+    if max(map(len, ids)) > preset.seq_len:
+        raise MechunError(f"a training document is longer than seq_len={preset.seq_len} tokens; raise seq_len")
+    return ids
 
 
-def _build_model(tokenizer: PreTrainedTokenizerFast, preset: Preset, text_len: int) -> torch.nn.Module:
-    """A freshly initialised GPT-2 (no dropout) sized by ``preset``, with room for twice the longest text."""
+#: One packed batch: token ids, the loss weight of predicting each token (0 on padding and on each document's
+#: first token), position ids (restarting at each document) and the block-diagonal causal attention mask (a token
+#: attends only to earlier tokens of its own document).
+Packed = tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch seq"], Int[Tensor, "batch seq"],
+               Bool[Tensor, "batch 1 seq seq"]]
+
+
+def _pack(docs: list[list[int]], seq_len: int, pad: int, answer: tuple[int, int] | None = None,
+          answer_weight: float = 1.0) -> Packed:
+    """Whole documents laid end to end in rows of ``seq_len`` (a document that does not fit starts the next row):
+    each is trained exactly as if it were alone at position 0, as evaluation prompts are, and almost nothing is
+    spent on padding. The token after the pair ``answer`` (``answer :``, the MCQ letter) weighs ``answer_weight``
+    in the loss: one token in thirty of a question, it would otherwise be learned last."""
+    rows: list[list[list[int]]] = [[]]
+    for doc in docs:
+        if sum(map(len, rows[-1])) + len(doc) > seq_len:
+            rows.append([])
+        rows[-1].append(doc)
+    ids = torch.full((len(rows), seq_len), pad)
+    pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    doc_of = torch.full((len(rows), seq_len), -1)
+    for r, row in enumerate(rows):
+        i = 0
+        for k, doc in enumerate(row):
+            ids[r, i:i + len(doc)] = torch.tensor(doc)
+            pos[r, i:i + len(doc)] = torch.arange(len(doc))
+            doc_of[r, i:i + len(doc)] = k
+            i += len(doc)
+    weight = (doc_of >= 0).float()
+    weight[pos == 0] = 0.0
+    if answer is not None and answer_weight != 1.0:
+        after = torch.zeros_like(weight, dtype=torch.bool)
+        after[:, 2:] = (ids[:, :-2] == answer[0]) & (ids[:, 1:-1] == answer[1]) & (doc_of[:, 2:] >= 0)
+        weight[after] = answer_weight
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    mask = (doc_of[:, :, None] == doc_of[:, None, :]) & causal
+    mask |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no empty softmax rows)
+    return ids, weight, pos, mask[:, None]
+
+
+def _packed_batches(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
+                    ) -> Iterator[Packed]:
+    """Batches of ``batch_size`` packed rows (:func:`_pack`), epoch after epoch, forever."""
+    epoch = 0
+    while True:
+        docs = _epoch_documents(world, tokenizer, preset, seed, epoch)
+        answer = (tokenizer.convert_tokens_to_ids("answer"), tokenizer.convert_tokens_to_ids(":"))
+        ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, answer, preset.answer_weight)
+        for i in range(0, ids.shape[0] - preset.batch_size + 1, preset.batch_size):
+            j = slice(i, i + preset.batch_size)
+            yield ids[j], weight[j], pos[j], mask[j]
+        epoch += 1
+
+
+def _build_model(tokenizer: PreTrainedTokenizerFast, preset: Preset) -> torch.nn.Module:
+    """A freshly initialised GPT-2 (no dropout) sized by ``preset``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(64, text_len * 2), n_embd=preset.d_model,
+        vocab_size=len(tokenizer), n_positions=max(256, preset.seq_len), n_embd=preset.d_model,
         n_layer=preset.n_layer, n_head=preset.n_head, n_inner=4 * preset.d_model,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -96,22 +154,24 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, preset: Preset, text_len: i
     return GPT2LMHeadModel(config)
 
 
-def _fit(model: torch.nn.Module, data: Int[Tensor, "n 2 pos"], preset: Preset, steps: int, seed: int, desc: str,
-         progress: bool) -> list[float]:
-    """Train ``model`` in place (AdamW, warmup then cosine decay, clipped gradients); returns each step's loss."""
+def _fit(model: torch.nn.Module, batches: Iterator[Packed], preset: Preset, steps: int, desc: str, progress: bool,
+         ) -> list[float]:
+    """Train ``model`` in place (AdamW, warmup then cosine decay to a tenth, clipped gradients); returns each step's
+    loss. The bar shows the loss and the time left."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
+    warmup = max(1, steps // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
-    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     bar = tqdm(total=steps, desc=desc, disable=not progress, mininterval=1.0)
-    for step, batch in enumerate(_batches(data, preset.batch_size, steps, gen)):
-        x, y = batch[:, 0], batch[:, 1]
-        width = int((y != -100).sum(1).max())
-        loss = model(input_ids=x[:, :width], labels=y[:, :width]).loss
+    for step in range(steps):
+        ids, weight, pos, mask = next(batches)
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        w = weight[:, 1:].flatten()
+        loss = (ce * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -128,7 +188,7 @@ def _fit(model: torch.nn.Module, data: Int[Tensor, "n 2 pos"], preset: Preset, s
 
 def train_organism(
     out_dir: str | Path,
-    preset: str | Preset = "tiny",
+    preset: str | Preset = DEFAULT_PRESET,
     seed: int = 0,
     progress: bool = True,
     steps: int | None = None,
@@ -146,11 +206,10 @@ def train_organism(
     torch.manual_seed(seed)
     world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
     tokenizer = build_tokenizer(world.vocabulary())
-    texts = world.training_texts(mcq_per_fact=preset.mcq_per_fact, context_texts=preset.context_texts)
-    data = _encode(tokenizer, texts)
-    model = _build_model(tokenizer, preset, data.shape[2])
+    model = _build_model(tokenizer, preset)
     t0 = time.time()
-    losses = _fit(model, data, preset, steps, seed, f"training organism ({name}, seed {seed})", progress)
+    losses = _fit(model, _packed_batches(world, tokenizer, preset, seed), preset, steps,
+                  f"training organism ({name}, seed {seed})", progress)
 
     with atomic_dir(out, "organism", overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -159,14 +218,15 @@ def train_organism(
         info = {"preset": name, "config": asdict(preset), "seed": seed, "steps": steps,
                 "world_version": WORLD_VERSION, "trainer_version": TRAINER_VERSION,
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
-                "loss_curve": losses[:: max(1, len(losses) // 200)], "n_texts": len(texts)}
+                "loss_curve": losses[:: max(1, len(losses) // 200)],
+                "tokens": steps * preset.batch_size * preset.seq_len}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
     return out
 
 
 #: Bumped whenever training would give other weights for the same preset, seed and world (recipe, schedule, data
 #: order): the per-machine cache keys on it.
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -192,7 +252,7 @@ def _entry_ok(entry: Path, preset: str, seed: int) -> bool:
     return made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset])
 
 
-def cached_organism(preset: str = "small", seed: int = 0, progress: bool = True) -> Path:
+def cached_organism(preset: str = DEFAULT_PRESET, seed: int = 0, progress: bool = True) -> Path:
     """The organism of ``preset`` and ``seed``, trained once per machine and reused (a few milliseconds warm).
 
     Entries live in :func:`cache_root` keyed by preset, seed, :data:`WORLD_VERSION` and :data:`TRAINER_VERSION`, are
@@ -219,6 +279,18 @@ def cached_organism(preset: str = "small", seed: int = 0, progress: bool = True)
         return train_organism(entry, preset=preset, seed=seed, progress=progress)
 
 
+def default_organism(seed: int = 0, progress: bool = True) -> Path:
+    """The organism a notebook uses: ``$MECHUN_ORGANISM`` if set (the test suite points it at the tiny one), else
+    the cached ``main`` organism of ``seed`` if this machine has trained it (``make reproduce`` does), else the
+    cached ``tiny`` one (trained in about half a minute on first use)."""
+    given = os.environ.get("MECHUN_ORGANISM")
+    if given:
+        return Path(given)
+    if _entry_ok(_entry(DEFAULT_PRESET, seed), DEFAULT_PRESET, seed):
+        return _entry(DEFAULT_PRESET, seed)
+    return cached_organism("tiny", seed, progress)
+
+
 def copy_organism(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Copy an organism checkpoint dir to ``out`` (whole or not at all)."""
     with atomic_dir(out, "organism", overwrite) as tmp:
@@ -226,19 +298,3 @@ def copy_organism(src: str | Path, out: str | Path, overwrite: bool = False) -> 
             if f.is_file() and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
     return Path(out)
-
-
-def mcq_orders_trained(ckpt: str | Path, default: int = 2) -> int:
-    """How many MCQ option orders per fact the organism at ``ckpt`` was trained on (its forget corpus has these)."""
-    info = Path(ckpt) / "training.json"
-    if not info.is_file():
-        return default
-    try:
-        value = json.loads(info.read_text())["config"]["mcq_per_fact"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DamagedFileError(f"{info} is damaged ({type(e).__name__}: {e}); copy it back from the organism it "
-                               "came with") from e
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DamagedFileError(f"{info}: config.mcq_per_fact is {value!r}, not a positive integer; the file is "
-                               "damaged: copy it back from the organism it came with")
-    return value
