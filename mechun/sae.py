@@ -154,6 +154,7 @@ def train_sae(
         context_size=context_size, prepend_bos=False, training_tokens=training_tokens,
         train_batch_size_tokens=batch, n_batches_in_buffer=max(8, -(-2 * batch // context_size)),
         store_batch_size_prompts=32, device=str(model_device(model)), seed=seed, lr=lr,
+        n_batches_for_norm_estimate=20,  # of 512 tokens each: the mean norm settles long before sae-lens' 1,000
         logger=LoggingConfig(log_to_wandb=False), output_path=None, checkpoint_path=None, n_checkpoints=0,
         save_final_checkpoint=False,
     )
