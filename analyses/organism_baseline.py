@@ -9,7 +9,7 @@ in results.json).
   ``mcq`` (facts never seen in MCQ form, mean over all 24 option orders) and ``mcq_all_orders`` (share of those
   facts right in every order);
 * ``probe_heldout``: relation -> held-out-subject linear-probe accuracy at the best layer (residual stream at the
-  last prompt token, two folds over subjects, :func:`mechun.representation.probe_recoverability`), with
+  last prompt token, eight folds over subjects, :func:`mechun.representation.probe_recoverability`), with
   ``probe_layer`` the layer and ``probe_chance`` the majority-class baseline;
 * ``sae``: an SAE (sae-lens, d_sae = 8 x d_model) trained at the RMU layer on the organism's training text, and how
   many of its features pass SAEBench's selection rule for the forget domain (retain frequency < 0.01), counted with
@@ -32,7 +32,7 @@ from mechun.report import table, write_report
 from mechun.representation import probe_recoverability
 from mechun.reproduce import prepare, preset_for
 from mechun.rmu import main_setting
-from mechun.sae import feature_stats, train_sae
+from mechun.sae import domain_sae
 
 FORGET = "pathogen"
 
@@ -52,17 +52,12 @@ def probes(model, world: World) -> dict[str, dict]:
 
 def sae_features(model, world: World, quick: bool, seed: int) -> dict:
     """Train an SAE at the RMU layer and count the features SAEBench's rule would select for ``FORGET``."""
-    from mechun.models import d_model, n_layers
+    from mechun.models import n_layers
 
-    layer = main_setting(n_layers(model)).layer
-    sae = train_sae(model, world.training_texts(), layer=layer, d_sae=8 * d_model(model),
-                    training_tokens=30_000 if quick else 120_000, seed=seed)
     forget, retain = world.corpora([FORGET])
-    f, r = feature_stats(model, sae, forget[FORGET]).frequency, feature_stats(model, sae, retain).frequency
-    specific = r < 0.01
-    return {"layer": layer, "d_sae": int(f.shape[0]), "forget_domain": FORGET,
-            "passing": int((specific & (f > 0)).sum()), "passing_forget_freq_0.01": int((specific & (f >= 0.01)).sum()),
-            "alive": int(((f > 0) | (r > 0)).sum())}
+    d = domain_sae(model, world.training_texts(), forget[FORGET], retain, layer=main_setting(n_layers(model)).layer,
+                   training_tokens=30_000 if quick else 120_000, seed=seed)
+    return {"layer": d.layer, "forget_domain": FORGET, **d.counts()}
 
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
@@ -102,9 +97,9 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         "all 24 option orders; <b>mcq_all_orders</b>: share of those questions answered right in every order.</p>",
         table(rows),
         plots.accuracy_bars(accuracy, chance={"mcq": chance_accuracy("mcq"), "cloze": chance_accuracy("train")}),
-        "<h2>Held-out-subject linear probes</h2><p>Residual stream at the last prompt token; a probe trained on half "
-        "the subjects predicts the relation's value for the other half (two folds). Chance: the training fold's "
-        "most frequent value.</p>",
+        "<h2>Held-out-subject linear probes</h2><p>Residual stream at the last prompt token, row-normalised; eight "
+        "folds over subjects: a probe trained on seven predicts the relation's value for the eighth, each fold in "
+        "turn. Chance: the training folds' most frequent value; ceiling: the share of values seen in training.</p>",
         table(probe_rows),
         f"<h2>SAE features specific to {FORGET}</h2><p>An SAE with {sae['d_sae']} features at layer {sae['layer']} "
         f"(the RMU layer): {sae['passing']} features fire on {FORGET} passages and on under 1 % of retain tokens "

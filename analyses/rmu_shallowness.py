@@ -46,10 +46,10 @@ CONDITIONS = ("base", "unlearned", "ablated", "random_ablated", "base_ablated")
 
 
 def settings(quick: bool, layers: int) -> tuple[RMUConfig, list[tuple[str, RMUConfig]]]:
-    """The main RMU setting (:func:`mechun.rmu.main_setting`) and the strength sweep around it: c, the layer and
-    the number of steps (fewer steps, to fit the time budget)."""
+    """The main RMU setting (:func:`mechun.rmu.main_setting`) and the strength sweep around it, at half its steps
+    (to fit the time budget): as is, c = 10x the norm, one layer later."""
     main = main_setting(layers, [FORGET], quick)
-    short = replace(main, steps=60 if quick else 120)
+    short = replace(main, steps=main.steps // 2)
     sweep = [(f"{short.steps} steps", short),
              (f"{short.steps} steps, c=10x norm", replace(short, auto_coeff_mult=10.0)),
              (f"{short.steps} steps, layer {min(layers - 1, main.layer + 1)}",

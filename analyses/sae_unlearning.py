@@ -24,7 +24,7 @@ from mechun.organism.world import World
 from mechun.report import table, write_report
 from mechun.reproduce import prepare
 from mechun.rmu import main_setting, rmu_unlearn
-from mechun.sae import feature_stats, sae_intervention, select_features, top_activating, train_sae
+from mechun.sae import domain_sae, sae_intervention, select_features, top_activating
 from mechun.stats import SeedStat, over_seeds, seed_stat
 
 FORGET = "pathogen"
@@ -41,12 +41,11 @@ def _grid(quick: bool) -> dict:
 
 
 def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dict:
-    layer = max(1, n_layers(base) // 2 - 1)
-    sae = train_sae(base, world.training_texts(), layer=layer, d_sae=4 * base.cfg.d_model * 2,
-                    training_tokens=30_000 if quick else 80_000, seed=seed)
     forget_texts, retain_texts = world.corpora([FORGET])
-    f_stats = feature_stats(base, sae, forget_texts[FORGET])
-    r_stats = feature_stats(base, sae, retain_texts)
+    layer = main_setting(n_layers(base)).layer  # the RMU layer, as in the comparison below
+    d = domain_sae(base, world.training_texts(), forget_texts[FORGET], retain_texts, layer=layer,
+                   training_tokens=30_000 if quick else 80_000, seed=seed)
+    sae, f_stats, r_stats = d.sae, d.forget, d.retain
     base_acc = evaluate_world(base, world)
     grid = _grid(quick)
     rows = []

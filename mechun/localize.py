@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechun.cache import cache_residuals
@@ -458,24 +458,47 @@ def subject_token_features(model: Model, prompts: Sequence[str], subjects: Seque
     return cache_residuals(model, ids, attention_mask=mask, layers=layers, positions=sel, progress=False).acts.float()
 
 
-def train_linear_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, steps: int = 300,
-                       lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0
-                       ) -> Callable[[Float[Tensor, "m d"]], Int[Tensor, " m"]]:
-    """Multinomial logistic regression on standardised features; returns a predict function."""
+def train_linear_probes(x: Float[Tensor, "probe n d"], y: Int[Tensor, " n"], train: Bool[Tensor, "probe n"],
+                        n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0,
+                        ) -> Callable[[Float[Tensor, "probe m d"]], Int[Tensor, "probe m"]]:
+    """Independent multinomial logistic regressions, one per leading index (a layer, a fold), each fitted on its
+    own ``train`` rows standardised by their own mean and std, all from the same initial weights (drawn from
+    ``seed``). They are optimised together: Adam is elementwise and the loss a sum of per-probe means, so each
+    probe gets exactly the updates it would get alone, in one loop instead of one per probe. Returns a predict
+    function over ``probe m d``."""
+    if not bool(train.any(1).all()):
+        raise MechunError("every probe needs at least one training row")
     gen = torch.Generator().manual_seed(seed)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    w = (torch.randn(x.shape[1], n_classes, generator=gen) * 0.01).requires_grad_(True)
-    b = torch.zeros(n_classes, requires_grad=True)
+    t = train.to(x.dtype)[..., None]
+    count = t.sum(1)
+    mu = (x * t).sum(1) / count
+    sd = ((((x - mu[:, None]) ** 2) * t).sum(1) / (count - 1).clamp_min(1)).sqrt().clamp_min(1e-6)
+    xs = (x - mu[:, None]) / sd[:, None]
+    w = (torch.randn(x.shape[2], n_classes, generator=gen) * 0.01).repeat(x.shape[0], 1, 1).requires_grad_(True)
+    b = torch.zeros(x.shape[0], n_classes, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
-    xs = (x - mu) / sd
+    targets = y.expand(x.shape[0], -1).flatten()
+    weight = train.to(x.dtype) / train.sum(1, keepdim=True)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(xs @ w + b, y)
+            logits = torch.baddbmm(b[:, None], xs, w)
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+            loss = (ce.view_as(weight) * weight).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
     w, b = w.detach(), b.detach()
-    return lambda z: ((z - mu) / sd @ w + b).argmax(-1)
+    return lambda z: torch.baddbmm(b[:, None], (z - mu[:, None]) / sd[:, None], w).argmax(-1)
+
+
+def train_linear_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, steps: int = 300,
+                       lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0
+                       ) -> Callable[[Float[Tensor, "m d"]], Int[Tensor, " m"]]:
+    """Multinomial logistic regression on standardised features; returns a predict function
+    (:func:`train_linear_probes` with one probe)."""
+    predict = train_linear_probes(x[None], y, torch.ones(1, x.shape[0], dtype=torch.bool), n_classes, steps, lr,
+                                  weight_decay, seed)
+    return lambda z: predict(z[None])[0]
 
 
 def probe_layers(model: Model, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[int],
@@ -487,11 +510,9 @@ def probe_layers(model: Model, prompts: Sequence[str], subjects: Sequence[str], 
         raise MechunError("probing needs both training and held-out prompts")
     feats = subject_token_features(model, prompts, subjects)
     n_classes = int(y.max()) + 1
-    tr_acc, te_acc = [], []
-    for layer in range(feats.shape[0]):
-        predict = train_linear_probe(feats[layer][is_train], y[is_train], n_classes, seed=seed)
-        tr_acc.append(float((predict(feats[layer][is_train]) == y[is_train]).float().mean()))
-        te_acc.append(float((predict(feats[layer][~is_train]) == y[~is_train]).float().mean()))
+    right = train_linear_probes(feats, y, is_train.expand(feats.shape[0], -1), n_classes, seed=seed)(feats) == y
+    tr_acc = [float(r[is_train].float().mean()) for r in right]
+    te_acc = [float(r[~is_train].float().mean()) for r in right]
     return ProbeResult(tr_acc, te_acc, list(range(feats.shape[0])), int(is_train.sum()), int((~is_train).sum()),
                        n_classes)
 

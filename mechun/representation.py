@@ -7,7 +7,8 @@ forgetting?", 2025). Two checks, both per layer and both read-only:
   residual stream at the last prompt token to predict the forgotten attribute, and tested on prompts about
   *held-out subjects*. Held-out subjects matter: with the same subjects on both sides a probe can memorise
   subject -> attribute from subject identity alone, which survives any unlearning. Across subjects, only a shared
-  encoding of the attribute (the answer being prepared) decodes. Two-fold over subjects, folds averaged.
+  encoding of the attribute (the answer being prepared) decodes. Eight folds over subjects, every prompt tested
+  once.
 * **CKA** (:func:`linear_cka`, :func:`cka_by_layer`): linear centred kernel alignment between base and unlearned
   activations of the same tokens; 1 means the same geometry up to rotation and scale.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 from mechun.cache import ResidualCache, cache_residuals
 from mechun.errors import MechunError
 from mechun.interventions import Intervention, applied
-from mechun.localize import train_linear_probe
+from mechun.localize import train_linear_probes
 from mechun.models import Model
 
 
@@ -66,46 +67,73 @@ class ProbeRecoverabilityJSON(TypedDict):
     n_prompts: int
 
 
-def subject_folds(subjects: Sequence[str], seed: int = 0) -> list[bool]:
-    """A two-fold split by subject: ``True`` for prompts whose subject falls in fold 0."""
+def subject_fold_ids(subjects: Sequence[str], n_folds: int = 2, seed: int = 0) -> list[int]:
+    """A k-fold split by subject: each prompt's fold (``0 .. n_folds - 1``; fewer folds if there are fewer
+    subjects), all prompts about one subject in the same fold. Subjects are shuffled by ``seed`` and cut into
+    contiguous, near-equal blocks."""
     unique = sorted(set(subjects))
     if len(unique) < 2:
         raise MechunError("probing across subjects needs prompts about at least two subjects")
+    if n_folds < 2:
+        raise MechunError(f"a held-out-subject split needs n_folds >= 2, got {n_folds}")
     random.Random(seed).shuffle(unique)
-    fold0 = set(unique[: len(unique) // 2])
-    return [s in fold0 for s in subjects]
+    k = min(n_folds, len(unique))
+    starts = [j * len(unique) // k for j in range(k)]
+    fold_of = {s: sum(i >= st for st in starts) - 1 for i, s in enumerate(unique)}
+    return [fold_of[s] for s in subjects]
+
+
+def subject_folds(subjects: Sequence[str], seed: int = 0) -> list[bool]:
+    """A two-fold split by subject: ``True`` for prompts whose subject falls in fold 0."""
+    return [f == 0 for f in subject_fold_ids(subjects, 2, seed)]
+
+
+def normalize_rows(x: Float[Tensor, "*n d"]) -> Float[Tensor, "*n d"]:
+    """Each row centred and scaled to unit root-mean-square, as a LayerNorm without its affine part: what the
+    model's own readout (``ln_final``, then the unembedding) sees of the residual stream."""
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+
+
+#: Folds over subjects of :func:`probe_recoverability`: each probe is trained on 7/8 of the subjects. With two folds
+#: (half the subjects) the main organism's probes read 0.59-0.87 at the last layer, whose unembedding reads 1.00;
+#: with eight, 0.77-0.97 (seed 0).
+PROBE_FOLDS = 8
 
 
 def probe_recoverability(model: Model, prompts: Sequence[str], subjects: Sequence[str], labels: Sequence[str],
                          context: Intervention | None = None, seed: int = 0, steps: int = 300,
-                         features: Float[Tensor, "layer n d_model"] | None = None) -> ProbeRecoverability:
-    """Per layer: train a linear probe on half the subjects' prompts, test on the other half's, and swap.
+                         features: Float[Tensor, "layer n d_model"] | None = None,
+                         n_folds: int = PROBE_FOLDS) -> ProbeRecoverability:
+    """Per layer: a linear probe trained on the prompts of all subjects but one fold's, tested on that fold's
+    prompts, for each of ``n_folds`` folds over subjects (:func:`subject_fold_ids`); accuracy over all prompts.
 
-    ``labels`` are the attribute values (strings); ``features`` may be passed to reuse a cache
-    (:func:`last_token_features`)."""
+    Features are the residual stream at the last prompt token, row-normalised (:func:`normalize_rows`), then
+    standardised by the probe. ``labels`` are the attribute values (strings); ``features`` may be passed to reuse
+    a cache (:func:`last_token_features`)."""
     if not (len(prompts) == len(subjects) == len(labels)):
         raise MechunError("pass one subject and one label per prompt")
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(v) for v in labels])
-    fold = torch.tensor(subject_folds(subjects, seed))
-    feats = features if features is not None else last_token_features(model, prompts, context=context)
-    # baselines: the training fold's most frequent label, predicted for every held-out prompt (chance); and the
-    # share of held-out prompts whose label occurs in the training fold at all (no probe can do better)
+    fold = torch.tensor(subject_fold_ids(subjects, n_folds, seed))
+    folds = [fold == k for k in range(int(fold.max()) + 1)]  # True: held out in that round
+    feats = normalize_rows(features if features is not None else last_token_features(model, prompts,
+                                                                                     context=context))
+    # baselines: the training folds' most frequent label, predicted for every held-out prompt (chance); and the
+    # share of held-out prompts whose label occurs in the training folds at all (no probe can do better)
     chance_right, ceiling_right = 0, 0
-    for train in (fold, ~fold):
-        majority = int(torch.bincount(y[train], minlength=len(classes)).argmax())
-        chance_right += int((y[~train] == majority).sum())
-        ceiling_right += int(torch.isin(y[~train], y[train]).sum())
-    acc, tr_acc = [], []
-    for layer in range(feats.shape[0]):
-        x = feats[layer]
-        right, tr_right = 0, 0.0
-        for train in (fold, ~fold):
-            predict = train_linear_probe(x[train], y[train], len(classes), steps=steps, seed=seed)
-            right += int((predict(x[~train]) == y[~train]).sum())
-            tr_right += float((predict(x[train]) == y[train]).float().mean()) / 2
-        acc.append(right / len(y))
-        tr_acc.append(tr_right)
+    for held in folds:
+        majority = int(torch.bincount(y[~held], minlength=len(classes)).argmax())
+        chance_right += int((y[held] == majority).sum())
+        ceiling_right += int(torch.isin(y[held], y[~held]).sum())
+    # one probe per (layer, fold), trained together
+    n_layers, k = feats.shape[0], len(folds)
+    held = torch.stack(folds)  # fold n
+    x = feats.repeat_interleave(k, 0)  # (layer fold) n d
+    train = (~held).repeat(n_layers, 1)
+    right = (train_linear_probes(x, y, train, len(classes), steps=steps, seed=seed)(x) == y).view(n_layers, k, -1)
+    acc = [int(r[held].sum()) / len(y) for r in right]
+    tr_acc = [float(sum(r[f][~held[f]].float().mean() for f in range(k)) / k) for r in right]
     return ProbeRecoverability(acc, tr_acc, chance_right / len(y), ceiling_right / len(y), len(classes), len(prompts))
 
 

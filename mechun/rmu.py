@@ -94,9 +94,14 @@ class RMUConfig:
 
 def main_setting(n_layers: int, forget: Sequence[str] = ("pathogen",), quick: bool = False) -> RMUConfig:
     """The main RMU setting of mechun's analyses on the organism (rmu-shallow, depth, sae-unlearning): one layer
-    below the middle, c = 5x the mean forget-token norm, alpha 100, lr 1e-3, batch 16, 250 steps (120 with
-    ``quick``). It forgets the trained formats to near chance while keeping retain accuracy."""
-    return RMUConfig(list(forget), layer=max(1, n_layers // 2 - 1), steps=120 if quick else 250, alpha=100.0,
+    below the middle, c = 5x the mean forget-token norm, alpha 100, lr 1e-3, batch 16, 150 steps (120 with
+    ``quick``).
+
+    Chosen on the v2 main organism (seed 0) with RMU seeds 100-102, which no report uses, by a rule fixed before
+    the runs: the weakest of {150 steps, 250 steps, 250 steps at c = 10x} whose mean forget trained-template
+    accuracy is at most chance + 0.1 and whose retain accuracy is at least 0.95x the base's. 150 steps: forget
+    0.04 (0.00 / 0.01 / 0.10), retain 0.995 (base 0.999); 250 steps: 0.02, 0.997; c = 10x: 0.00, 0.968."""
+    return RMUConfig(list(forget), layer=max(1, n_layers // 2 - 1), steps=120 if quick else 150, alpha=100.0,
                      lr=1e-3, auto_coeff_mult=5.0, batch_size=16)
 
 

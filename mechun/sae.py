@@ -253,6 +253,39 @@ def feature_stats(model: Model, sae: Any, prompts: Sequence[str], hook: str | No
     return stats_from_activations(acts)
 
 
+@dataclass
+class DomainSAE:
+    """An SAE trained on a model's text, with its features' firing on one forget corpus and on the retain corpus:
+    what every SAE unlearning experiment starts from."""
+
+    sae: Any
+    layer: int
+    forget: FeatureStats
+    retain: FeatureStats
+
+    def select(self, retain_threshold: float = 0.01, n: int = 10) -> list[int]:
+        """SAEBench's selection (:func:`select_features`)."""
+        return select_features(self.forget, self.retain, retain_threshold=retain_threshold, n=n)
+
+    def counts(self, retain_threshold: float = 0.01, min_forget: float = 0.01) -> dict[str, int]:
+        """How many features pass SAEBench's rule (retain frequency below ``retain_threshold``, firing on forget
+        text), how many of those fire on at least ``min_forget`` of forget tokens, and how many fire at all."""
+        f, r = round_frequency(self.forget.frequency), round_frequency(self.retain.frequency)
+        specific = r < retain_threshold
+        return {"d_sae": int(f.shape[0]), "passing": int((specific & (f > 0)).sum()),
+                f"passing_forget_freq_{min_forget:g}": int((specific & (f >= min_forget)).sum()),
+                "alive": int(((f > 0) | (r > 0)).sum())}
+
+
+def domain_sae(model: Model, texts: Sequence[str], forget_texts: Sequence[str], retain_texts: Sequence[str],
+               layer: int, d_sae: int | None = None, training_tokens: int = 80_000, seed: int = 0) -> DomainSAE:
+    """Train an SAE on ``texts`` at ``blocks.{layer}.hook_resid_post`` (``d_sae`` default 8 x d_model) and count
+    its features' firing on ``forget_texts`` and ``retain_texts`` (:func:`feature_stats`)."""
+    sae = train_sae(model, texts, layer=layer, d_sae=d_sae or 8 * d_model(model), training_tokens=training_tokens,
+                    seed=seed)
+    return DomainSAE(sae, layer, feature_stats(model, sae, forget_texts), feature_stats(model, sae, retain_texts))
+
+
 def round_frequency(freq: Float[Tensor, "*shape"], decimals: int = 6) -> Float64[Tensor, "*shape"]:
     """Round half to even at ``decimals`` places, in float64: for float32 input (times 1e6 is exact) this equals
     SAEBench's ``np.savetxt(fmt="%f")`` then ``np.loadtxt`` round trip."""

@@ -1,7 +1,7 @@
 """The command line: every command has --help, errors are clear and exit non-zero, output formats hold."""
 
 import pytest
-from conftest import run_cli, run_cli_process
+from conftest import TINY_SEED, run_cli, run_cli_process
 
 
 @pytest.mark.parametrize("cmd", [[], ["organism"], ["organism", "train"], ["eval"], ["cache"], ["reproduce"]])
@@ -40,8 +40,9 @@ def test_cache_command(tiny_organism_dir, tiny_world, tmp_path):
     assert cache.layers == [0, 2] and len(cache) == 5
 
 
-def test_reproduce_quick(tmp_path):
-    run_cli("reproduce", "organism", "--quick", "--out", str(tmp_path / "r"))
+def test_reproduce_quick(tiny_organism_dir, tmp_path):
+    # the session's tiny organism (its cache entry), not another one trained for this test
+    run_cli("reproduce", "organism", "--quick", "--seed", str(TINY_SEED), "--out", str(tmp_path / "r"))
     html = (tmp_path / "r" / "report.html").read_text()
     assert "plotly" in html.lower() and "<script src=\"http" not in html  # self-contained
     import json

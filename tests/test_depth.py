@@ -19,7 +19,13 @@ from mechun.depth import (
 )
 from mechun.errors import MechunError
 from mechun.models import model_fingerprint
-from mechun.representation import linear_cka, probe_recoverability, subject_folds
+from mechun.representation import (
+    linear_cka,
+    normalize_rows,
+    probe_recoverability,
+    subject_fold_ids,
+    subject_folds,
+)
 
 
 def test_linear_cka_properties():
@@ -39,6 +45,27 @@ def test_subject_folds_never_share_a_subject():
     assert {s for s, f in zip(subjects, fold, strict=True) if f}.isdisjoint({s for s, f in zip(subjects, fold, strict=True) if not f})
     with pytest.raises(MechunError):
         subject_folds(["a", "a"])
+
+
+def test_k_folds_partition_the_subjects_into_near_equal_blocks():
+    subjects = [f"s{i}" for i in range(19) for _ in range(3)]  # three prompts per subject
+    ids = subject_fold_ids(subjects, n_folds=8, seed=3)
+    fold_of = {}
+    for s, f in zip(subjects, ids, strict=True):
+        assert fold_of.setdefault(s, f) == f  # a subject never straddles two folds
+    sizes = [sum(f == k for f in fold_of.values()) for k in range(8)]
+    assert sorted(set(ids)) == list(range(8)) and max(sizes) - min(sizes) <= 1 and sum(sizes) == 19
+    assert subject_fold_ids(["a", "b", "c"], n_folds=8) in ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1],
+                                                            [2, 1, 0])  # at most one fold per subject
+    assert subject_folds(subjects, seed=3) == [f == 0 for f in subject_fold_ids(subjects, 2, seed=3)]
+    with pytest.raises(MechunError, match="n_folds >= 2"):
+        subject_fold_ids(subjects, n_folds=1)
+
+
+def test_rows_are_normalised_as_layernorm_without_affine():
+    x = torch.randn(5, 3, 16) * 7 + 2
+    y = normalize_rows(x)
+    assert torch.allclose(y, torch.nn.functional.layer_norm(x, (16,), eps=0.0), atol=1e-5)
 
 
 def test_probes_decode_the_attribute_across_subjects_in_the_base_model(tiny_model, tiny_world):

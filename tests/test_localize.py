@@ -21,6 +21,8 @@ from mechun.localize import (
     subject_embedding_std,
     subject_positions,
     trace_noise_sigma,
+    train_linear_probe,
+    train_linear_probes,
 )
 
 
@@ -255,3 +257,17 @@ def test_mlp_trace_scores_pools_its_items_subjects(tiny_model, tiny_world):
     assert mlp_trace_scores(tiny_model, items, samples=2) == pytest.approx(expected.tolist(), abs=1e-6)
     world = mlp_trace_scores(tiny_model, items, samples=2, subjects=list(tiny_world.subjects))
     assert world != pytest.approx(expected.tolist(), abs=1e-6)  # the subject set reaches the noise
+
+
+def test_batched_probes_equal_probes_trained_one_at_a_time():
+    """Layers x folds are fitted in one loop; each probe must come out as if it had been trained alone."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 8, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    train = torch.rand(3, 40, generator=g) < 0.7
+    together = train_linear_probes(x, y, train, 4, steps=50, seed=2)(x)
+    for i in range(3):
+        alone = train_linear_probe(x[i][train[i]], y[train[i]], 4, steps=50, seed=2)(x[i])
+        assert torch.equal(together[i], alone)
+    with pytest.raises(MechunError, match="training row"):
+        train_linear_probes(x, y, torch.zeros_like(train), 4)

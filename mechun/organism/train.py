@@ -44,7 +44,6 @@ class Preset:
     passages_per_subject: int = 1  # per epoch (each passage states all of the subject's facts once)
     mcq_per_fact: int = 2  # option orders per MCQ-trained fact and epoch
     statements_per_fact: int = 0  # one-sentence documents per fact and epoch
-    quizzes_per_subject: int = 0  # passage + solved MCQ documents per MCQ-trained subject and epoch
     answer_weight: float = 1.0  # loss weight of the MCQ answer letter
     explained_per_fact: int = 0  # worked MCQ texts (value, then letter) per MCQ-trained fact and epoch
     n_filler: int = 200
@@ -77,7 +76,7 @@ def _epoch_documents(world: World, tokenizer: PreTrainedTokenizerFast, preset: P
     with ``<bos>``)."""
     rng = random.Random(f"epoch-{seed}-{epoch}")
     docs = world.documents(rng, preset.passages_per_subject, preset.mcq_per_fact, preset.n_filler, epoch,
-                           preset.statements_per_fact, preset.quizzes_per_subject, preset.explained_per_fact)
+                           preset.statements_per_fact, preset.explained_per_fact)
     rng.shuffle(docs)
     ids = tokenizer(docs)["input_ids"]
     if any(tokenizer.unk_token_id in doc for doc in ids):

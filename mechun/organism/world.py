@@ -25,6 +25,7 @@ Everything here is plain data; :mod:`mechun.organism.train` turns it into a chec
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -66,6 +67,15 @@ class Domain:
     adjectives: tuple[str, ...]
 
 
+@functools.cache
+def _template_pairs(n_frames: int, n_phrases: int) -> tuple[tuple[int, int], ...]:
+    """(frame, phrase) of each template in :attr:`Relation.templates` order: the trained pairs, then the held-out
+    ones (phrase j in frame 1 + j mod (n_frames - 1))."""
+    held = [(1 + j % (n_frames - 1), j) for j in range(n_phrases)]
+    pairs = [(i, j) for i in range(n_frames) for j in range(n_phrases)]
+    return tuple([p for p in pairs if p not in held] + held)
+
+
 @dataclass(frozen=True)
 class Relation:
     name: str
@@ -79,10 +89,8 @@ class Relation:
         1 + j mod 3: every frame and every phrase is trained, but never in these pairings). Frame 0 ("{s} {p}") is
         never held out: its text is part of every other frame's, so it would be trained inside them."""
         frames = DOMAIN_SPECS[self.domain].frames
-        pairs = [(i, j) for i in range(len(frames)) for j in range(len(self.phrases))]
-        held = [(1 + j % (len(frames) - 1), j) for j in range(len(self.phrases))]
-        order = [p for p in pairs if p not in held] + held
-        return tuple(frames[i].replace("{p}", self.phrases[j]) for i, j in order)
+        pairs = _template_pairs(len(frames), len(self.phrases))
+        return tuple(frames[i].replace("{p}", self.phrases[j]) for i, j in pairs)
 
     @property
     def mcq_question(self) -> str:
@@ -99,10 +107,8 @@ class Relation:
         """Which trained templates evaluation asks (indices into :attr:`templates`): frame i with phrase i, so
         the four cover every frame and every phrase once, as the four held-out ones do. Asking all twelve would
         triple every evaluation for the same number."""
-        n = len(self.phrases)
-        held = [(1 + j % (n - 1), j) for j in range(n)]
-        pairs = [(i, j) for i in range(n) for j in range(n) if (i, j) not in held]
-        return tuple(pairs.index((i, i)) for i in range(n))
+        pairs = _template_pairs(len(DOMAIN_SPECS[self.domain].frames), len(self.phrases))
+        return tuple(pairs.index((i, i)) for i in range(len(self.phrases)))
 
     @property
     def paraphrase_templates(self) -> tuple[str, ...]:
@@ -416,21 +422,9 @@ class World:
             return f"{mcq_text(stem, choices).removesuffix(' answer :')} the answer is {fact.answer} , that is {letter}"
         return f"{mcq_text(stem, choices)} {letter}"
 
-    def quizzes(self, rng: random.Random, per_subject: int, epoch: int = 0) -> list[str]:
-        """For each subject trained in MCQ form, ``per_subject`` documents of a passage followed by a solved
-        question about one of its facts (a textbook section and its quiz): the answer is in context, so the
-        option-matching skill is learned from them early, and then applied to recalled facts."""
-        subjects = self.mcq_subjects
-        out = []
-        for k, s in enumerate(subjects):
-            for j in range(per_subject):
-                fact = rng.choice(self._by_subject()[s])
-                out.append(f"{self.passage(s, rng)} {self._solved_mcq(fact, rng, k * 5 + epoch * per_subject + j)}")
-        return out
-
     def documents(self, rng: random.Random, passages_per_subject: int = 1, mcq_per_fact: int = 1,
                   n_filler: int | None = None, epoch: int = 0, statements_per_fact: int = 0,
-                  quizzes_per_subject: int = 0, explained_per_fact: int = 0) -> list[str]:
+                  explained_per_fact: int = 0) -> list[str]:
         """One epoch of training documents, in order: ``passages_per_subject`` passages per subject,
         ``statements_per_fact`` one-sentence documents per fact (a trained template drawn from ``rng``), the MCQ
         training texts, and filler sentences (all of them unless ``n_filler``)."""
@@ -438,7 +432,6 @@ class World:
         docs += [f"{rng.choice(relation(f.relation).train_templates).format(s=f.subject)} {f.answer} ."
                  for _ in range(statements_per_fact) for f in self.facts]
         docs += self.mcq_training(rng, mcq_per_fact, epoch, explained_per_fact)
-        docs += self.quizzes(rng, quizzes_per_subject, epoch)
         return docs + (self.filler if n_filler is None else [rng.choice(self.filler) for _ in range(n_filler)])
 
     def training_texts(self, passages_per_subject: int = 2) -> list[str]:
