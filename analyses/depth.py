@@ -35,7 +35,7 @@ from mechun.models import Model, load_model, n_layers, save_model
 from mechun.organism.world import World, relation, retain_domains
 from mechun.plots import grouped_bars, layer_lines, step_lines
 from mechun.report import table, write_report
-from mechun.reproduce import prepare, preset_for
+from mechun.reproduce import prepare, preset_for, seeds_for
 from mechun.rmu import main_setting, rmu_unlearn, save_unlearned
 from mechun.stats import SeedStat
 
@@ -87,7 +87,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             raise FileExistsError(f"{Path(out) / sub} already holds results; choose a new --out")
     out, ckpt, world, base = prepare(out, quick, seed, organism)
     L = n_layers(base)
-    seeds = [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, quick)
     how: dict[str, Any] = {
         "rmu": main_setting(L, [FORGET], quick), "lft_steps": 60 if quick else 150, "n_mlps": 1 if L <= 3 else 2,
         "depth": DepthConfig(relearn_steps=(0, 5, 10) if quick else (0, 5, 10, 20, 40),

@@ -32,7 +32,7 @@ from mechun.localize import mlp_trace_scores
 from mechun.models import bare_forward_view, load_model, model_fingerprint
 from mechun.organism.world import Fact, World, other_values, relation
 from mechun.report import table, write_report
-from mechun.reproduce import prepare
+from mechun.reproduce import prepare, seeds_for
 from mechun.stats import over_seeds, seed_stat
 
 KEYS = ("efficacy", "paraphrase_efficacy", "ns_static", "ns_dynamic", "nm_static", "nm_dynamic", "nkl_static",
@@ -85,7 +85,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     bare, _ = bare_forward_view(model)
     original = {n: p.detach().clone() for n, p in bare.named_parameters()}
     fp0 = model_fingerprint(model)
-    seeds, n_edits, steps = [seed, seed + 1, seed + 2], (4 if quick else 8), (30 if quick else 50)
+    seeds, n_edits, steps = seeds_for(seed, quick), (4 if quick else 8), (30 if quick else 50)
     rows = []
     for s in seeds:
         for fact, new in pick_edits(world, n_edits, s):

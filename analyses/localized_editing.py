@@ -38,7 +38,7 @@ from mechun.localize import (
 from mechun.models import load_model, n_layers
 from mechun.organism.world import World, relation
 from mechun.report import table, write_report
-from mechun.reproduce import prepare
+from mechun.reproduce import prepare, seeds_for
 from mechun.stats import aggregate, over_seeds
 
 RELATION = "sport"
@@ -129,7 +129,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         }
 
     probes, rel = base_probes(base, facts)
-    seeds = [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, quick)
     steps, relearn_steps = (60, 20) if quick else (120, 40)
     per: dict[str, list[dict]] = {}
     for s in seeds:

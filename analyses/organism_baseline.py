@@ -10,7 +10,7 @@ in results.json).
   facts right in every order);
 * ``probe_heldout``: relation -> held-out-subject linear-probe accuracy at the best layer (residual stream at the
   last prompt token, eight folds over subjects, :func:`mechun.representation.probe_recoverability`), with
-  ``probe_layer`` the layer and ``probe_chance`` the majority-class baseline;
+  ``probe_layer`` the layer and ``probe_chance`` a guess by the training folds' value frequencies;
 * ``sae``: an SAE (sae-lens, d_sae = 8 x d_model) trained at the RMU layer on the organism's training text, and how
   many of its features pass SAEBench's selection rule for the forget domain (retain frequency < 0.01), counted with
   forget frequency > 0 (the rule as written) and >= 0.01 (features that fire on forget text at least as often as
@@ -99,7 +99,8 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         plots.accuracy_bars(accuracy, chance={"mcq": chance_accuracy("mcq"), "cloze": chance_accuracy("train")}),
         "<h2>Held-out-subject linear probes</h2><p>Residual stream at the last prompt token, row-normalised; eight "
         "folds over subjects: a probe trained on seven predicts the relation's value for the eighth, each fold in "
-        "turn. Chance: the training folds' most frequent value; ceiling: the share of values seen in training.</p>",
+        "turn. Chance: a guess by the training folds' value frequencies; ceiling: the share of values seen in "
+        "training.</p>",
         table(probe_rows),
         f"<h2>SAE features specific to {FORGET}</h2><p>An SAE with {sae['d_sae']} features at layer {sae['layer']} "
         f"(the RMU layer): {sae['passing']} features fire on {FORGET} passages and on under 1 % of retain tokens "

@@ -34,7 +34,7 @@ from mechun.localize import mlp_trace_scores
 from mechun.models import load_model, n_layers, save_model
 from mechun.organism.world import Fact, Prompt, World, other_values
 from mechun.report import table, write_report
-from mechun.reproduce import prepare
+from mechun.reproduce import prepare, seeds_for
 from mechun.rmu import RMUConfig, rmu_unlearn
 from mechun.stats import over_seeds, seed_stat
 
@@ -102,7 +102,7 @@ def corrupt_model(model: Any, world: World, corrupt: list[tuple[Fact, str]], qui
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
     out, ckpt, world, base = prepare(out, quick, seed, organism)
-    seeds = [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, quick)
     rows = []
     for s in seeds:
         corrupt = corruption(world, s)

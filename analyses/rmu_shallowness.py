@@ -35,12 +35,12 @@ from mechun.models import Model, load_model, n_layers
 from mechun.organism.world import World, retain_domains
 from mechun.plots import grouped_bars, layer_lines
 from mechun.report import table, write_report
-from mechun.reproduce import prepare, preset_for
+from mechun.reproduce import prepare, preset_for, seeds_for
 from mechun.rmu import RMUConfig, main_setting, rmu_unlearn, save_unlearned
 from mechun.stats import SeedStat, over_seeds
 
 FORGET = "pathogen"
-#: RMU seeds per run (three with --quick). The main setting was chosen on other seeds (see mechun.rmu.main_setting).
+#: RMU seeds per run (two with --quick). The main setting was chosen on other seeds (see mechun.rmu.main_setting).
 N_SEEDS = 5
 CONDITIONS = ("base", "unlearned", "ablated", "random_ablated", "base_ablated")
 
@@ -96,7 +96,7 @@ def one_seed(ckpt: Path, world: World, cfg: RMUConfig, out: Path | None, full: b
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None,
         sweep: bool = True) -> dict:
     """The whole analysis. ``organism`` reuses an existing checkpoint dir; ``sweep=False`` skips the depth sweep."""
-    seeds = [seed + i for i in range(3 if quick else N_SEEDS)]
+    seeds = seeds_for(seed, quick, N_SEEDS)
     taken = [Path(out) / f"rmu_seed{s}" for s in seeds if (Path(out) / f"rmu_seed{s}").exists()]
     if taken:  # refuse before any work: never replace earlier results
         raise FileExistsError(f"{taken[0]} already exists; choose a new --out")

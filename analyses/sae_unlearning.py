@@ -22,7 +22,7 @@ from mechun.io import write_json
 from mechun.models import load_model, n_layers
 from mechun.organism.world import World
 from mechun.report import table, write_report
-from mechun.reproduce import prepare
+from mechun.reproduce import prepare, seeds_for
 from mechun.rmu import main_setting, rmu_unlearn
 from mechun.sae import domain_sae, sae_intervention, select_features, top_activating
 from mechun.stats import SeedStat, over_seeds, seed_stat
@@ -85,7 +85,7 @@ def one_seed(ckpt: Path, world: World, base: Any, seed: int, quick: bool) -> dic
 
 def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str | Path | None = None) -> dict:
     out, ckpt, world, base = prepare(out, quick, seed, organism)
-    seeds = [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, quick)
     per = []
     for s in seeds:
         per.append(one_seed(ckpt, world, base, s, quick))

@@ -45,7 +45,7 @@ class ProbeRecoverability:
 
     accuracy: list[float]
     train_accuracy: list[float]
-    chance: float  # accuracy of always predicting the training fold's most frequent label
+    chance: float  # expected accuracy of guessing by the training folds' label frequencies
     ceiling: float  # share of held-out prompts whose label occurs in the training fold (the best any probe can do)
     n_classes: int
     n_prompts: int
@@ -119,12 +119,13 @@ def probe_recoverability(model: Model, prompts: Sequence[str], subjects: Sequenc
     folds = [fold == k for k in range(int(fold.max()) + 1)]  # True: held out in that round
     feats = normalize_rows(features if features is not None else last_token_features(model, prompts,
                                                                                      context=context))
-    # baselines: the training folds' most frequent label, predicted for every held-out prompt (chance); and the
-    # share of held-out prompts whose label occurs in the training folds at all (no probe can do better)
-    chance_right, ceiling_right = 0, 0
+    # baselines: a guess drawn from the training folds' label frequencies (chance; always guessing their most
+    # frequent label would score about 0 here, since with evenly spread values that label is the held fold's
+    # rarest); and the share of held-out prompts whose label occurs in the training folds at all (the ceiling)
+    chance_right, ceiling_right = 0.0, 0
     for held in folds:
-        majority = int(torch.bincount(y[~held], minlength=len(classes)).argmax())
-        chance_right += int((y[held] == majority).sum())
+        freq = torch.bincount(y[~held], minlength=len(classes)).float() / int((~held).sum())
+        chance_right += float(freq[y[held]].sum())
         ceiling_right += int(torch.isin(y[held], y[~held]).sum())
     # one probe per (layer, fold), trained together
     n_layers, k = feats.shape[0], len(folds)

@@ -66,6 +66,12 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, ov
     return Path(out)
 
 
+def seeds_for(seed: int, quick: bool, n: int = 3) -> list[int]:
+    """The seeds an analysis repeats its measurement over: ``n`` consecutive ones from ``seed``, two with
+    ``--quick`` (enough for the mean-and-std code path; quick runs are smoke tests, not results)."""
+    return [seed + i for i in range(2 if quick else n)]
+
+
 def preset_for(quick: bool) -> str:
     """The organism preset an analysis runs on: ``tiny`` with ``--quick``, else ``main``."""
     return "tiny" if quick else "main"
