@@ -1,4 +1,4 @@
-"""RMU is mostly shallow: reproduce Arditi & Chughtai (2024) end to end on the model organism.
+"""Is RMU shallow? Reproduce the junk-direction diagnosis of Arditi & Chughtai (2024) end to end on the model organism.
 
 1. Train (or reuse) the organism; unlearn one forget domain with RMU, once per seed.
 2. Diagnose the junk: norm ratio unlearned/base by layer on forget vs retain prompts; candidate directions and their
@@ -133,7 +133,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
         if s["forget_unlearned"] <= chance_accuracy("train") + 0.1 and s["recovery_fraction"] < 0.7]
     results["verdict"] = verdict(results)
     write_json(out / "results.json", results)
-    write_report(out / "report.html", "RMU is mostly shallow: junk-direction diagnosis on the model organism",
+    write_report(out / "report.html", "Is RMU shallow? Junk-direction diagnosis on the model organism",
                  report_blocks(results), results=results)
     return results
 
