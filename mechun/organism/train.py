@@ -100,10 +100,13 @@ def _pack(docs: list[list[int]], seq_len: int, pad: int, answer: tuple[int, int]
     spent on padding. The token after the pair ``answer`` (``answer :``, the MCQ letter) weighs ``answer_weight``
     in the loss: one token in thirty of a question, it would otherwise be learned last."""
     rows: list[list[list[int]]] = [[]]
+    used = 0  # tokens in the last row
     for doc in docs:
-        if sum(map(len, rows[-1])) + len(doc) > seq_len:
+        if used + len(doc) > seq_len:
             rows.append([])
+            used = 0
         rows[-1].append(doc)
+        used += len(doc)
     ids = torch.full((len(rows), seq_len), pad)
     pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
     doc_of = torch.full((len(rows), seq_len), -1)
