@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job on the embedded model organism; writes $(OUT)/report.html and $(OUT)/results.json. --overwrite lets a
+# The main job on the embedded model organism (the 5-seed RMU headline; `mechun reproduce rmu-shallow` adds the strength
+# sweep); writes $(OUT)/report.html and $(OUT)/results.json. --overwrite lets a
 # second run replace the first one's output (only files mechun wrote there; it reuses the trained organism).
 reproduce: $(STAMP)
-	$(VENV)/bin/mechun reproduce rmu-shallow --out $(OUT) --overwrite
+	$(VENV)/bin/mechun reproduce rmu-shallow --no-sweep --out $(OUT) --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mechun tests analyses benchmarks

@@ -23,6 +23,7 @@ from common import organism
 from transformers import AutoModelForCausalLM
 
 import mechun
+import mechun.models
 
 
 def best_time(fn, inner: int) -> float:
@@ -43,6 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.model, world, model, tmp = organism(args.model)
     bare = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
+    mechun.models.fuse_activations(bare)  # as load_model does: the same GELU kernel on both sides
     prompts = [p.text for p in world.prompts()][: args.batch]
     ids, mask = mechun.tokenize(model, prompts)
 

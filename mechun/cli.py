@@ -4,7 +4,7 @@
     mechun eval --model DIR [--json]
     mechun cache --model DIR --prompts FILE [--layers 0,1,2] [--positions last|all] --out F.safetensors
     mechun depth --base DIR --unlearned DIR --forget DOMAIN --out OUT
-    mechun reproduce rmu-shallow|depth|... --out DIR [--quick] [--seed N]
+    mechun reproduce rmu-shallow|depth|... --out DIR [--quick] [--seed N] [--no-sweep]
 
 Progress goes to stderr; with ``--json`` stdout holds exactly one JSON object.
 
@@ -730,6 +730,8 @@ def _add_reproduce(sub: Subparsers) -> None:
     p.add_argument("analysis", choices=list(ANALYSES), help=described)
     _out_option(p, "output directory")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="rmu-shallow: skip the RMU strength sweep, run the 5-seed headline only (make reproduce)")
     _seed_option(p)
     _command(p, _cmd_reproduce)
 
@@ -737,7 +739,8 @@ def _add_reproduce(sub: Subparsers) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from mechun.reproduce import reproduce
 
-    out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+    out = reproduce(args.analysis, Path(args.out), quick=args.quick, seed=args.seed, overwrite=args.overwrite,
+                    sweep=not args.no_sweep)
     print(f"wrote {out / 'report.html'} and {out / 'results.json'}", file=sys.stderr)
     return 0
 

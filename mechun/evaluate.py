@@ -65,30 +65,33 @@ def answer_scores(
 def _answer_scores(
     model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"], Int[Tensor, " n"]]:
-    """Exact match, summed log-probability and number of tokens of each answer."""
+    """Exact match, summed log-probability and number of tokens of each answer.
+
+    Texts are batched by length (shortest first) so that a batch pads to its own longest text, not the list's; the
+    results come back in the order given."""
     if len(prompts) != len(answers):
         raise MechunError(f"got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
     if len(prompts) == 0:
         raise MechunError("empty prompt list: pass at least one prompt")
-    correct, logps, lengths = [], [], []
-    for idx in _batched(range(len(prompts)), batch_size):
-        ps = [prompts[i] for i in idx]
-        full_ids, full_mask = tokenize(model, [_join(p, answers[i]) for p, i in zip(ps, idx, strict=True)])
-        _, p_mask = tokenize(model, ps)
-        n_prompt = p_mask.sum(1)
-        n_full = full_mask.sum(1)
-        if bool((n_full <= n_prompt).any()):
-            raise MechunError("an answer tokenised to zero tokens; pass a non-empty answer")
-        logits = _forward_logits(model, full_ids, full_mask)
-        logprobs = logits.log_softmax(-1)
-        for b in range(len(ps)):
-            pos = torch.arange(int(n_prompt[b]), int(n_full[b]), device=logits.device)
-            target = full_ids[b, pos].to(logits.device)
-            pred = logits[b, pos - 1].argmax(-1)
-            correct.append(bool((pred == target).all()))
-            logps.append(float(logprobs[b, pos - 1].gather(-1, target[:, None]).sum()))
-            lengths.append(len(pos))
-    return torch.tensor(correct), torch.tensor(logps), torch.tensor(lengths)
+    full_ids, full_mask = tokenize(model, [_join(p, a) for p, a in zip(prompts, answers, strict=True)])
+    n_prompt = tokenize(model, list(prompts))[1].sum(1)
+    n_full = full_mask.sum(1)
+    if bool((n_full <= n_prompt).any()):
+        raise MechunError("an answer tokenised to zero tokens; pass a non-empty answer")
+    n = len(prompts)
+    correct, logps = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+    for idx in torch.argsort(n_full, stable=True).split(batch_size):
+        width = int(n_full[idx].max())
+        ids = full_ids[idx, :width]
+        logits = _forward_logits(model, ids, full_mask[idx, :width])[:, :-1]
+        target = ids[:, 1:].to(logits.device)
+        pos = torch.arange(1, width, device=logits.device)
+        answer = (pos >= n_prompt[idx, None].to(logits.device)) & (pos < n_full[idx, None].to(logits.device))
+        hit = (logits.argmax(-1) == target) | ~answer
+        lp = logits[answer].log_softmax(-1).gather(-1, target[answer][:, None])[:, 0]
+        per_row = torch.zeros(len(idx), device=logits.device).index_add_(0, answer.nonzero()[:, 0], lp)
+        correct[idx], logps[idx] = hit.all(1).cpu(), per_row.cpu()
+    return correct, logps, n_full - n_prompt
 
 
 def answer_correct(model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
@@ -145,24 +148,29 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 
 
 def evaluate_world(
-    model: Model, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 64,
-    all_orders: bool = False,
+    model: Model, world: World, domains: Sequence[str] | None = None, mcq_seed: int = 1, batch_size: int = 128,
+    all_orders: bool = False, formats: Sequence[Format] = FORMATS,
 ) -> dict[str, dict[str, float]]:
     """Accuracy per domain and format: ``{"pathogen": {"train": .., "paraphrase": .., "mcq": ..}, ...}``.
 
     ``train`` uses the trained templates, ``paraphrase`` the held-out ones; ``mcq`` asks the facts never seen in
     MCQ form (:meth:`World.mcq_facts`), one option order each (drawn from ``mcq_seed``). With ``all_orders`` every
     such question is asked in all 24 orders: ``mcq`` is then the accuracy over all (question, order) pairs and
-    ``mcq_all_orders`` the share of questions right in every order (SAEBench keeps only those).
+    ``mcq_all_orders`` the share of questions right in every order (SAEBench keeps only those). ``formats`` limits
+    the measurement to some formats (a sweep that reports only trained-template accuracy need not pay for the
+    others).
     """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise MechunError(f"unknown format(s) {bad or formats!r}; choose from {list(FORMATS)}")
     result: dict[str, dict[str, float]] = {}
     for domain in domains or world.domains:
-        acc = {"train": cloze_accuracy(model, world.prompts(domain, "train"), batch_size),
-               "paraphrase": cloze_accuracy(model, world.prompts(domain, "paraphrase"), batch_size)}
-        if all_orders:
+        acc = {split: cloze_accuracy(model, world.prompts(domain, split), batch_size)
+               for split in ("train", "paraphrase") if split in formats}
+        if "mcq" in formats and all_orders:
             scores = mcq_permutation_scores(model, world.mcq(domain, seed=mcq_seed), batch_size)
             acc |= {"mcq": scores.accuracy, "mcq_all_orders": scores.robust_accuracy}
-        else:
+        elif "mcq" in formats:
             acc["mcq"] = mcq_accuracy(model, world.mcq(domain, seed=mcq_seed), batch_size)
         result[domain] = acc
     return result

@@ -182,9 +182,9 @@ class JunkRecovery:
     scores: dict[str, Scores] = field(default_factory=dict)
 
     def recovery(self, condition: str = "ablated") -> dict[str, float]:
-        """Per format, ``(condition - unlearned) / (base - unlearned)`` on the forget group."""
+        """Per format measured in all three, ``(condition - unlearned) / (base - unlearned)`` on the forget group."""
         b, u, a = (self.scores[c][self.forget] for c in ("base", "unlearned", condition))
-        return {f: recovery_fraction(b[f], u[f], a[f]) for f in b}
+        return {f: recovery_fraction(b[f], u[f], a[f]) for f in a if f in b and f in u}
 
     @property
     def recovery_by_format(self) -> dict[str, float]:
@@ -214,6 +214,7 @@ def junk_recovery(
     before: Mapping[str, Scores] | None = None,
     intervention: Intervention | None = None,
     seed: int = 0,
+    control_score: ScoreFn | None = None,
 ) -> JunkRecovery:
     """The junk-recovery recipe: ablate the diagnosis's mean-difference direction at ``layer`` (default: the
     diagnosis's peak layer) from that layer on in the unlearned model, score, and run the ``controls``.
@@ -221,7 +222,10 @@ def junk_recovery(
     ``score(model)`` returns ``{group: {format: accuracy}}`` (it runs with the ablation hooks active); recovery is
     computed on ``score(...)[forget]``. ``before`` may hold the already-measured ``"base"`` and ``"unlearned"``
     scores so they are not recomputed. ``intervention`` (e.g. SAE clamping) is entered around every forward of
-    the unlearned model. The random control uses a direction seeded ``seed + CONTROL_SEED_OFFSET``."""
+    the unlearned model. The random control uses a direction seeded ``seed + CONTROL_SEED_OFFSET``. The controls
+    are scored with ``control_score`` if given (e.g. fewer formats: a control only has to show that nothing
+    moves), else with ``score``."""
+    control_score = control_score or score
     layer = diagnosis.peak_layer() if layer is None else check_layer(unlearned, layer)
     if not bool(diagnosis.directions["mean_diff"][layer].any()):
         raise MechunError(f"the unlearned model's forget activations at layer {layer} equal the base model's, so "
@@ -241,10 +245,10 @@ def junk_recovery(
         if "random" in controls:
             rand = random_direction_like(rec.direction.vector, seed=seed + CONTROL_SEED_OFFSET)
             with project_out(unlearned, rand, layers=range(layer, n_layers(unlearned))):
-                rec.scores["random_ablated"] = score(unlearned)
+                rec.scores["random_ablated"] = control_score(unlearned)
     if "base" in controls:  # the raw vector: the direction records the unlearned model's fingerprint
         with project_out(base, rec.direction.vector, layers=range(layer, n_layers(base))):
-            rec.scores["base_ablated"] = score(base)
+            rec.scores["base_ablated"] = control_score(base)
     return rec
 
 

@@ -130,6 +130,7 @@ def load_model(
     tokenizer.padding_side = "right"
     if device_map is None:
         hf_model.to(device)
+    fuse_activations(hf_model)
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
@@ -139,6 +140,20 @@ def load_model(
 
 
 _SOURCES: weakref.WeakKeyDictionary[Model, str] = weakref.WeakKeyDictionary()
+
+
+def fuse_activations(hf_model: nn.Module) -> int:
+    """Replace ``transformers``' ``NewGELUActivation`` (GPT-2's ``gelu_new``: tanh-approximate GELU written as
+    five elementwise ops) with ``PytorchGELUTanh`` -- the same function as one fused kernel, three times faster
+    and within 3e-7 of it (float rounding). GELU was a quarter of an organism forward. Returns how many modules
+    were replaced; no weight changes, and no hook point sits on the activation module itself."""
+    from transformers.activations import NewGELUActivation, PytorchGELUTanh
+
+    swaps = [(parent, name) for parent in hf_model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, PytorchGELUTanh())
+    return len(swaps)
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -55,14 +55,24 @@ def load_analysis(name: str) -> ModuleType:
     return module
 
 
-def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
+def reproduce(name: str, out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
+              sweep: bool = True) -> Path:
     """Run analysis ``name`` into the output dir ``out`` (:func:`mechun.io.run_dir`: a new or empty dir, or with
-    ``overwrite`` an earlier mechun output; a failed run leaves ``out`` as it was)."""
+    ``overwrite`` an earlier mechun output; a failed run leaves ``out`` as it was). ``sweep=False`` skips the
+    strength sweep of an analysis that has one (rmu-shallow: ``make reproduce`` runs its headline only)."""
+    import inspect
+
     from mechun.io import run_dir
 
     module = load_analysis(name)
+    options: dict[str, Any] = {}
+    if not sweep:
+        with_sweep = [n for n in ANALYSES if "sweep" in inspect.signature(load_analysis(n).run).parameters]
+        if "sweep" not in inspect.signature(module.run).parameters:
+            raise MechunError(f"{name} has no sweep to skip; --no-sweep applies to {', '.join(with_sweep)}")
+        options["sweep"] = False
     with run_dir(out, f"mechun reproduce {name}", overwrite) as d:
-        module.run(d, quick=quick, seed=seed)
+        module.run(d, quick=quick, seed=seed, **options)
     return Path(out)
 
 

@@ -132,9 +132,19 @@ def layer_activations(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Ten
     This runs the bare HF modules (so gradients reach fused weights such as GPT-2's ``c_attn``), which bypass the
     bridge's hook points; it refuses to run while any hook point has a hook (a ``project_out`` or a user hook would
     otherwise be silently ignored)."""
+    _refuse_hooks(model)
+    return _layer_activations(model, ids, mask, layer)
+
+
+def _refuse_hooks(model: Model) -> None:
     if hook_points_in_use(model):
         raise MechunError("RMU trains through the bare HF modules, which would ignore the hooks now active on the "
                           "model (e.g. a project_out or sae_intervention context); leave that context first")
+
+
+def _layer_activations(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"],
+                       layer: int) -> Float[Tensor, "batch pos d_model"]:
+    """:func:`layer_activations` without the hook check (a training loop checks once, before its first step)."""
     box: dict[str, Tensor] = {}
 
     def grab(act: Tensor):
@@ -221,6 +231,8 @@ def rmu_unlearn(
         cfg.steering_coeff = round(cfg.auto_coeff_mult * norm, 3)
     steer = steering_vectors(d_model(model), cfg.forget_domains, cfg.steering_coeff, cfg.seed)
 
+    _refuse_hooks(model)
+    _refuse_hooks(frozen)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [mlp_out_weight(model, x) for x in cfg.update_layers]
@@ -236,10 +248,10 @@ def rmu_unlearn(
             f_ids, f_mask = tokenize(model, rng.sample(list(forget_texts[dom]), min(cfg.batch_size,
                                                                                      len(forget_texts[dom]))))
             r_ids, r_mask = tokenize(model, rng.sample(list(retain_texts), min(cfg.batch_size, len(retain_texts))))
-            h_forget = layer_activations(model, f_ids, f_mask, layer)
-            h_retain = layer_activations(model, r_ids, r_mask, layer)
+            h_forget = _layer_activations(model, f_ids, f_mask, layer)
+            h_retain = _layer_activations(model, r_ids, r_mask, layer)
             with torch.no_grad():
-                h_frozen = layer_activations(frozen, r_ids, r_mask, layer)
+                h_frozen = _layer_activations(frozen, r_ids, r_mask, layer)
             loss = rmu_loss(h_forget, f_mask, steer[dom], h_retain, h_frozen, r_mask, cfg.alpha)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()

@@ -83,7 +83,7 @@ class Relation:
     phrases: tuple[str, ...]  # four ways to say the relation; the answer follows the phrase
     values: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def templates(self) -> tuple[str, ...]:
         """Sixteen cloze templates with {s}: the twelve trained ones, then the four held out (phrase j in frame
         1 + j mod 3: every frame and every phrase is trained, but never in these pairings). Frame 0 ("{s} {p}") is
