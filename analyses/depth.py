@@ -28,36 +28,19 @@ from mechun.depth import (
     depth_card,
     write_card,
 )
-from mechun.edit import localized_finetune, top_mlp_mask
+from mechun.edit import top_mlp_mask
 from mechun.io import write_json
-from mechun.localize import mlp_trace_scores
-from mechun.models import Model, load_model, n_layers, save_model
-from mechun.organism.world import World, relation, retain_domains
+from mechun.models import Model, load_model, n_layers
+from mechun.organism.world import World
 from mechun.plots import grouped_bars, layer_lines, step_lines
 from mechun.report import table, write_report
 from mechun.reproduce import prepare, preset_for, seeds_for
-from mechun.rmu import main_setting, rmu_unlearn, save_unlearned
 from mechun.stats import SeedStat
+from mechun.unlearn import LocalizedFTConfig, UnlearnData, localize_forget, save_unlearned_model, unlearn
+from mechun.unlearn.rmu import main_setting
 
 FORGET = "pathogen"
 METHODS = ("rmu", "localized_ft")
-
-
-def localize_forget(model: Model, world: World, n_facts: int, seed: int) -> list[float]:
-    """Per-layer MLP indirect effect (causal tracing, last subject token), averaged over forget facts."""
-    items = [(relation(f.relation).templates[0].format(s=f.subject), f.answer, f.subject)
-             for f in world.facts_of(FORGET)[:n_facts]]
-    return mlp_trace_scores(model, items, seed=seed, subjects=sorted(world.subjects))  # ROME's noise: all subjects
-
-
-def localized_unlearn(model: Model, world: World, mlp_scores: list[float], n_mlps: int, steps: int, seed: int) -> dict:
-    """Masked fine-tuning of the top ``n_mlps`` MLPs (in place)."""
-    mask = top_mlp_mask(model, mlp_scores, n_mlps, "causal-tracing MLPs")
-    forget = world.prompts(FORGET)
-    retain = [(p.text, p.answer) for d in retain_domains() for p in world.prompts(d)]
-    localized_finetune(model, mask, [p.text for p in forget], [p.answer for p in forget], mode="unlearn",
-                       maintain=retain, lm_texts=world.filler, steps=steps, lr=1e-3, seed=seed)
-    return {"components": [list(c) for c in mask.components], "n_params": mask.n_params, "steps": steps}
 
 
 def unlearn_and_card(method: str, ckpt: Path, base: Model, world: World, out: Path, seed: int, how: dict[str, Any]
@@ -66,14 +49,14 @@ def unlearn_and_card(method: str, ckpt: Path, base: Model, world: World, out: Pa
     model = load_model(ckpt, device="cpu")
     ckpt_out = out / "checkpoints" / f"{method}_seed{seed}"
     steering = None
+    res = unlearn(model, replace(how[method], seed=seed), how["data"], reference=base)
+    save_unlearned_model(model, res, ckpt_out, extra={"base_model": str(ckpt), "forget_domain": FORGET})
     if method == "rmu":
-        res = rmu_unlearn(model, base, *how["corpora"], replace(how["rmu"], seed=seed), progress=False)
-        steering = res.steering[FORGET]
-        save_unlearned(model, res, ckpt_out, extra={"base_model": str(ckpt), "forget_domain": FORGET})
+        steering = res.rmu.steering[FORGET]
         made = {"layer": res.config.layer, "steering_coeff": res.config.steering_coeff, "steps": res.config.steps}
     else:
-        made = localized_unlearn(model, world, how["mlp_scores"], how["n_mlps"], how["lft_steps"], seed)
-        save_model(model, ckpt_out, extra_files={"edit.json": made})
+        made = {"components": res.details["components"], "n_params": res.details["n_params"],
+                "steps": res.config.steps}
     card = depth_card(base, model, world, FORGET, method=method, steering=steering,
                       relearn_copy=lambda: load_model(ckpt_out, device="cpu"), config=replace(how["depth"], seed=seed))
     card.models = {"base": str(ckpt), "unlearned": str(ckpt_out)}
@@ -88,13 +71,17 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     out, ckpt, world, base = prepare(out, quick, seed, organism)
     L = n_layers(base)
     seeds = seeds_for(seed, quick)
+    data = UnlearnData.from_world(world, FORGET)
+    mlp_scores = localize_forget(base, data.localize_items, n_facts=3 if quick else 6, seed=seed,
+                                 subjects=data.subjects)  # once, on the base model: every seed trains these MLPs
+    mask = top_mlp_mask(base, mlp_scores, 1 if L <= 3 else 2, "causal-tracing MLPs")
     how: dict[str, Any] = {
-        "rmu": main_setting(L, [FORGET], quick), "lft_steps": 60 if quick else 150, "n_mlps": 1 if L <= 3 else 2,
+        "rmu": main_setting(L, [FORGET], quick),
+        "localized_ft": LocalizedFTConfig(steps=60 if quick else 150, components=mask.components),
         "depth": DepthConfig(relearn_steps=(0, 5, 10) if quick else (0, 5, 10, 20, 40),
                              probe_steps=150 if quick else 300),
-        "mlp_scores": localize_forget(base, world, n_facts=3 if quick else 6, seed=seed),
-        "corpora": world.corpora([FORGET])}
-    log(f"causal tracing (MLP, last subject token) on '{FORGET}': {[round(s, 3) for s in how['mlp_scores']]}")
+        "mlp_scores": mlp_scores, "data": data}
+    log(f"causal tracing (MLP, last subject token) on '{FORGET}': {[round(s, 3) for s in mlp_scores]}")
     cards: dict[str, list[DepthCard]] = {m: [] for m in METHODS}
     made: dict[str, list[dict]] = {m: [] for m in METHODS}
     for s in seeds:

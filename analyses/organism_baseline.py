@@ -31,8 +31,8 @@ from mechun.organism.world import DOMAINS, RELATIONS, World
 from mechun.report import table, write_report
 from mechun.representation import probe_recoverability
 from mechun.reproduce import prepare, preset_for
-from mechun.rmu import main_setting
 from mechun.sae import domain_sae
+from mechun.unlearn.rmu import main_setting
 
 FORGET = "pathogen"
 

@@ -35,8 +35,8 @@ from mechun.models import load_model, n_layers, save_model
 from mechun.organism.world import Fact, Prompt, World, other_values
 from mechun.report import table, write_report
 from mechun.reproduce import prepare, seeds_for
-from mechun.rmu import RMUConfig, rmu_unlearn
 from mechun.stats import over_seeds, seed_stat
+from mechun.unlearn.rmu import RMUConfig, rmu_unlearn
 
 DOMAIN = "people"
 METHODS = ("gradient_ascent", "localized_ft", "rmu")

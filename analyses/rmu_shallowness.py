@@ -36,17 +36,17 @@ from mechun.organism.world import World, retain_domains
 from mechun.plots import grouped_bars, layer_lines
 from mechun.report import table, write_report
 from mechun.reproduce import prepare, preset_for, seeds_for
-from mechun.rmu import RMUConfig, main_setting, rmu_unlearn, save_unlearned
 from mechun.stats import SeedStat, over_seeds
+from mechun.unlearn.rmu import RMUConfig, main_setting, rmu_unlearn, save_unlearned
 
 FORGET = "pathogen"
-#: RMU seeds per run (two with --quick). The main setting was chosen on other seeds (see mechun.rmu.main_setting).
+#: RMU seeds per run (two with --quick). The main setting was chosen on other seeds (see mechun.unlearn.rmu.main_setting).
 N_SEEDS = 5
 CONDITIONS = ("base", "unlearned", "ablated", "random_ablated", "base_ablated")
 
 
 def settings(quick: bool, layers: int) -> tuple[RMUConfig, list[tuple[str, RMUConfig]]]:
-    """The main RMU setting (:func:`mechun.rmu.main_setting`) and the strength sweep around it, at half its steps
+    """The main RMU setting (:func:`mechun.unlearn.rmu.main_setting`) and the strength sweep around it, at half its steps
     (to fit the time budget): as is, c = 10x the norm, one layer later."""
     main = main_setting(layers, [FORGET], quick)
     short = replace(main, steps=main.steps // 2)

@@ -23,9 +23,9 @@ from mechun.models import load_model, n_layers
 from mechun.organism.world import World
 from mechun.report import table, write_report
 from mechun.reproduce import prepare, seeds_for
-from mechun.rmu import main_setting, rmu_unlearn
 from mechun.sae import domain_sae, sae_intervention, select_features, top_activating
 from mechun.stats import SeedStat, over_seeds, seed_stat
+from mechun.unlearn.rmu import main_setting, rmu_unlearn
 
 FORGET = "pathogen"
 KINDS = ("zero", "clamp", "scale")

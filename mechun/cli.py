@@ -3,6 +3,7 @@
     mechun organism train --preset tiny|main --seed N --out DIR
     mechun eval --model DIR [--json]
     mechun cache --model DIR --prompts FILE [--layers 0,1,2] [--positions last|all] --out F.safetensors
+    mechun unlearn --method grad_ascent|grad_diff|npo|simnpo|rmu|localized_ft --model DIR --forget DOMAIN --out DIR
     mechun depth --base DIR --unlearned DIR --forget DOMAIN --out OUT
     mechun reproduce rmu-shallow|depth|... --out DIR [--quick] [--seed N] [--no-sweep]
 
@@ -38,9 +39,9 @@ from mechun.models import HOOK_KINDS
 from mechun.organism.train import DEFAULT_PRESET, PRESETS
 from mechun.organism.world import MCQ_STYLES
 from mechun.reproduce import ANALYSES
-from mechun.rmu import RMUConfig
 from mechun.sae import MODES as SAE_MODES
 from mechun.sae import sae_intervention, select_features, train_sae
+from mechun.unlearn.rmu import RMUConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -328,7 +329,7 @@ def _cmd_rmu(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mechun.models import load_model
-    from mechun.rmu import rmu_unlearn, save_unlearned
+    from mechun.unlearn.rmu import rmu_unlearn, save_unlearned
 
     world = _world(args, args.model)
     forget = args.forget.split(",")
@@ -341,6 +342,71 @@ def _cmd_rmu(args: argparse.Namespace) -> int:
     save_unlearned(model, res, args.out, extra={"base_model": str(args.model), "forget_domain": forget[0]},
                    files={"world.json": world.to_json()}, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "config": dataclasses.asdict(res.config), "final_loss": res.losses[-1]}))
+    return 0
+
+
+# -- unlearn ---------------------------------------------------------------------------------------------------------
+#: Options that only some methods take (the option's dest -> the methods).
+_METHOD_OPTIONS = {"alpha": ("grad_diff", "npo", "simnpo", "rmu"), "beta": ("npo", "simnpo"), "gamma": ("simnpo",),
+                   "layer": ("rmu",), "steering_coeff": ("rmu",), "n_mlps": ("localized_ft",)}
+
+
+def _add_unlearn(sub: Subparsers) -> None:
+    from mechun.unlearn import METHODS
+
+    p = sub.add_parser("unlearn", help="unlearn a forget domain with any method (gradient ascent / difference, NPO, "
+                                       "SimNPO, RMU, localized FT); saves an HF checkpoint dir with unlearn.json")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--model", required=True, help="base organism checkpoint dir")
+    p.add_argument("--forget", required=True, help="forget domain (e.g. pathogen)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps (default: the method's)")
+    p.add_argument("--lr", type=_finite_positive_float, default=None, help="learning rate (default: the method's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="(default: the method's)")
+    p.add_argument("--alpha", type=_non_negative_float, default=None, help="weight of the retain term")
+    p.add_argument("--beta", type=_finite_positive_float, default=None, help="npo / simnpo: inverse temperature")
+    p.add_argument("--gamma", type=_finite_float, default=None, help="simnpo: margin")
+    p.add_argument("--layer", type=int, default=None, help="rmu: layer (updates the MLPs of layer-2..layer)")
+    p.add_argument("--steering-coeff", type=_finite_positive_float, default=None, help="rmu: c")
+    p.add_argument("--n-mlps", type=_positive_int, default=None, help="localized_ft: how many MLPs to train")
+    _seed_option(p)
+    _world_option(p)
+    _model_options(p)
+    _out_option(p, "new checkpoint directory")
+    _progress_option(p)
+    _command(p, _cmd_unlearn, _check_unlearn)
+
+
+def _check_unlearn(parser: Parser, args: argparse.Namespace) -> None:
+    for dest, methods in _METHOD_OPTIONS.items():
+        if getattr(args, dest) is not None and args.method not in methods:
+            parser.error(f"--{dest.replace('_', '-')} applies to {', '.join(methods)}, not {args.method}")
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from mechun.evaluate import evaluate_world, retain_accuracy
+    from mechun.models import load_model
+    from mechun.unlearn import UnlearnData, default_config, save_unlearned_model, unlearn
+
+    world = _world(args, args.model)
+    world.facts_of(args.forget)  # an unknown domain fails here, naming the domains
+    opts = {k: getattr(args, k) for k in ("steps", "lr", "batch_size", "seed")}
+    opts |= {k: getattr(args, k) for k, methods in _METHOD_OPTIONS.items() if args.method in methods}
+    if args.method == "rmu":
+        opts["forget_domains"] = [args.forget]
+    cfg = default_config(args.method, **opts)
+    data = UnlearnData.from_world(world, args.forget)
+    model = load_model(args.model, **_load_kwargs(args))
+    world.check_model(model)
+    reference = load_model(args.model, **_load_kwargs(args)) if args.method in ("rmu", "npo") else None
+    result = unlearn(model, cfg, data, reference=reference, progress=not args.no_progress)
+    acc = evaluate_world(model, world, formats=("train",))
+    save_unlearned_model(model, result, args.out, extra={"base_model": str(args.model), "forget_domain": args.forget},
+                         files={"world.json": world.to_json()}, overwrite=args.overwrite)
+    print(json.dumps({"out": args.out, "method": result.method, "config": result.to_json()["config"],
+                      "final_loss": result.losses[-1] if result.losses else None,
+                      "forget_accuracy": acc[args.forget]["train"],
+                      "retain_accuracy": retain_accuracy({d: a for d, a in acc.items() if d != args.forget}
+                                                         | {args.forget: acc[args.forget]})["train"]}))
     return 0
 
 
@@ -684,7 +750,7 @@ def _depth_organism_card(args: argparse.Namespace, cfg: DepthConfig,
 
     from mechun.depth import depth_card
     from mechun.models import load_model
-    from mechun.rmu import load_steering
+    from mechun.unlearn.rmu import load_steering
 
     world = _world(args, args.base)
     base = load_model(args.base, **_load_kwargs(args))
@@ -749,8 +815,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     p = argparse.ArgumentParser(prog="mechun", description="Mechanistic study of unlearning and editing in LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_organism, _add_eval, _add_cache, _add_rmu, _add_junk, _add_localize, _add_edit, _add_sae,
-                _add_depth, _add_reproduce):
+    for add in (_add_organism, _add_eval, _add_cache, _add_rmu, _add_unlearn, _add_junk, _add_localize, _add_edit,
+                _add_sae, _add_depth, _add_reproduce):
         add(sub)
     return p
 

@@ -295,7 +295,7 @@ def junk_pair_job(base_dir: str | Path, unlearned_dir: str | Path, out: str | Pa
     from mechun.models import load_model
     from mechun.organism.world import DOMAINS, World, retain_domains
     from mechun.report import table, write_report
-    from mechun.rmu import load_steering
+    from mechun.unlearn.rmu import load_steering
 
     check_out_dir(out, overwrite)
     world = World.load(base_dir)

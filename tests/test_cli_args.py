@@ -12,8 +12,8 @@ from mechun.data import DataError, DataFileNotFoundError, read_prompts
 from mechun.depth import DepthConfig
 from mechun.edit import localized_finetune
 from mechun.reproduce import ANALYSES
-from mechun.rmu import RMUConfig
 from mechun.sae import train_sae
+from mechun.unlearn.rmu import RMUConfig
 
 NOPE = "/nonexistent/mechun-test-model"  # never loaded: the usage error must come first
 

@@ -586,7 +586,7 @@ def test_count_hooks_ignores_the_libraries_own_hooks(tiny_model):
 
 
 def test_rmu_config_rejects_nan():
-    from mechun.rmu import RMUConfig
+    from mechun.unlearn.rmu import RMUConfig
 
     for field in ("steering_coeff", "lr", "alpha"):
         with pytest.raises(MechunError, match=field):

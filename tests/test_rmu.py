@@ -11,7 +11,7 @@ from mechun.errors import MechunError
 from mechun.evaluate import cloze_accuracy
 from mechun.junk import diagnose_junk, junk_recovery, random_direction_like, recovery_fraction
 from mechun.models import hf_state_dict
-from mechun.rmu import (
+from mechun.unlearn.rmu import (
     RMUConfig,
     layer_activations,
     load_steering,
