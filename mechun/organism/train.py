@@ -9,13 +9,15 @@ trained formats. The checkpoint dir is what a real user would have for ``gpt2``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from mechun.errors import MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
-from mechun.organism.world import WORLD_VERSION, World
+from mechun.organism.world import WORLD_VERSION, Fact, World
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,12 @@ def _resolve_preset(preset: str | Preset) -> tuple[str, Preset]:
 
 
 def _epoch_documents(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int, epoch: int,
-                     ) -> list[list[int]]:
-    """One epoch of the world's documents (:meth:`World.documents`) in a shuffled order, tokenised (each starts
-    with ``<bos>``)."""
+                     exclude: frozenset[str] = frozenset()) -> list[list[int]]:
+    """One epoch of the world's documents (:meth:`World.documents`, none naming a subject in ``exclude``) in a
+    shuffled order, tokenised (each starts with ``<bos>``)."""
     rng = random.Random(f"epoch-{seed}-{epoch}")
     docs = world.documents(rng, preset.passages_per_subject, preset.mcq_per_fact, preset.n_filler, epoch,
-                           preset.statements_per_fact, preset.explained_per_fact)
+                           preset.statements_per_fact, preset.explained_per_fact, exclude)
     rng.shuffle(docs)
     ids = tokenizer(docs)["input_ids"]
     if any(tokenizer.unk_token_id in doc for doc in ids):
@@ -130,11 +132,11 @@ def _pack(docs: list[list[int]], seq_len: int, pad: int, answer: tuple[int, int]
 
 
 def _packed_batches(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
-                    ) -> Iterator[Packed]:
+                    exclude: frozenset[str] = frozenset()) -> Iterator[Packed]:
     """Batches of ``batch_size`` packed rows (:func:`_pack`), epoch after epoch, forever."""
     epoch = 0
     while True:
-        docs = _epoch_documents(world, tokenizer, preset, seed, epoch)
+        docs = _epoch_documents(world, tokenizer, preset, seed, epoch, exclude)
         answer = (tokenizer.convert_tokens_to_ids("answer"), tokenizer.convert_tokens_to_ids(":"))
         ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, answer, preset.answer_weight)
         for i in range(0, ids.shape[0] - preset.batch_size + 1, preset.batch_size):
@@ -195,11 +197,16 @@ def train_organism(
     progress: bool = True,
     steps: int | None = None,
     overwrite: bool = False,
+    without: str | Sequence[str] | None = None,
 ) -> Path:
     """Generate the world for ``seed``, train a GPT-2 on it and save the checkpoint dir ``out_dir`` (whole or not at
     all; ``overwrite`` replaces an earlier mechun output there, never anything else).
 
-    Deterministic on CPU: the same preset and seed give the same weights.
+    ``without`` makes the **retain oracle**: the same world, tokenizer, seed and schedule, but no training document
+    names a subject of the given forget domain(s), subjects or facts (:meth:`World.excluded_subjects`) -- the model
+    an exact unlearning would give. ``world.json`` is the whole world; ``training.json`` records what was left out.
+
+    Deterministic on CPU: the same preset, seed and ``without`` give the same weights.
     """
     name, preset = _resolve_preset(preset)
     out = check_out_dir(out_dir, overwrite)
@@ -207,11 +214,13 @@ def train_organism(
 
     torch.manual_seed(seed)
     world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
+    exclude = world.excluded_subjects(without) if without is not None else frozenset()
     tokenizer = build_tokenizer(world.vocabulary())
     model = _build_model(tokenizer, preset)
     t0 = time.time()
-    losses = _fit(model, _packed_batches(world, tokenizer, preset, seed), preset, steps,
-                  f"training organism ({name}, seed {seed})", progress)
+    what = f"{name}, seed {seed}" + (f", without {_without_label(without)}" if exclude else "")
+    losses = _fit(model, _packed_batches(world, tokenizer, preset, seed, exclude), preset, steps,
+                  f"training {'retain oracle' if exclude else 'organism'} ({what})", progress)
 
     with atomic_dir(out, "organism", overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -221,7 +230,9 @@ def train_organism(
                 "world_version": WORLD_VERSION, "trainer_version": TRAINER_VERSION,
                 "seconds": round(time.time() - t0, 2), "final_loss": losses[-1],
                 "loss_curve": losses[:: max(1, len(losses) // 200)],
-                "tokens": steps * preset.batch_size * preset.seq_len}
+                "tokens": steps * preset.batch_size * preset.seq_len,
+                "without": sorted(exclude) if exclude else None,
+                "without_spec": _without_spec(without)}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
     return out
 
@@ -236,12 +247,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("MECHUN_CACHE") or Path.home() / ".cache" / "mechun")
 
 
-def _entry(preset: str, seed: int) -> Path:
-    return cache_root() / "organisms" / f"{preset}-seed{seed}-world{WORLD_VERSION}-trainer{TRAINER_VERSION}"
+def _without_spec(without: str | Sequence[str] | None) -> list[str] | None:
+    """``without`` as a sorted list of names (Facts by their subject), for keys and records."""
+    if without is None:
+        return None
+    items = [without] if isinstance(without, str | Fact) else list(without)
+    return sorted({x.subject if isinstance(x, Fact) else str(x) for x in items})
 
 
-def _entry_ok(entry: Path, preset: str, seed: int) -> bool:
-    """A complete entry (its manifest lists every file, unchanged) of this preset and seed."""
+def _without_label(without: str | Sequence[str] | None) -> str:
+    spec = _without_spec(without) or []
+    label = "+".join(spec)
+    if len(label) > 40 or not re.fullmatch(r"[A-Za-z0-9_+-]*", label):  # many subjects: a short stable hash
+        label = f"{len(spec)}-subjects-{hashlib.sha1('|'.join(spec).encode()).hexdigest()[:10]}"
+    return label
+
+
+def _entry(preset: str, seed: int, without: str | Sequence[str] | None = None) -> Path:
+    oracle = f"-without-{_without_label(without)}" if without is not None else ""
+    return cache_root() / "organisms" / f"{preset}-seed{seed}{oracle}-world{WORLD_VERSION}-trainer{TRAINER_VERSION}"
+
+
+def _entry_ok(entry: Path, preset: str, seed: int, without: str | Sequence[str] | None = None) -> bool:
+    """A complete entry (its manifest lists every file, unchanged) of this preset, seed and ``without``."""
     from mechun.io import foreign_files, read_manifest
 
     manifest = read_manifest(entry)
@@ -251,21 +279,25 @@ def _entry_ok(entry: Path, preset: str, seed: int) -> bool:
         made = json.loads((entry / "training.json").read_text())
     except (OSError, ValueError):
         return False
-    return made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset])
+    return (made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset])
+            and made.get("without_spec") == _without_spec(without))
 
 
-def cached_organism(preset: str = DEFAULT_PRESET, seed: int = 0, progress: bool = True) -> Path:
-    """The organism of ``preset`` and ``seed``, trained once per machine and reused (a few milliseconds warm).
+def cached_organism(preset: str = DEFAULT_PRESET, seed: int = 0, progress: bool = True,
+                    without: str | Sequence[str] | None = None) -> Path:
+    """The organism of ``preset`` and ``seed`` (with ``without``: its retain oracle, :func:`train_organism`),
+    trained once per machine and reused (a few milliseconds warm).
 
-    Entries live in :func:`cache_root` keyed by preset, seed, :data:`WORLD_VERSION` and :data:`TRAINER_VERSION`, are
-    written whole (:func:`mechun.io.atomic_dir`), and are checked against their manifest on every use: a corrupt
-    or partial entry is removed and retrained, never used. Concurrent callers wait for one training (a file lock).
+    Entries live in :func:`cache_root` keyed by preset, seed, what was left out, :data:`WORLD_VERSION` and
+    :data:`TRAINER_VERSION`, are written whole (:func:`mechun.io.atomic_dir`), and are checked against their
+    manifest on every use: a corrupt or partial entry is removed and retrained, never used. Concurrent callers wait
+    for one training (a file lock).
     """
     import fcntl
 
     _resolve_preset(preset)
-    entry = _entry(preset, seed)
-    if _entry_ok(entry, preset, seed):
+    entry = _entry(preset, seed, without)
+    if _entry_ok(entry, preset, seed, without):
         return entry
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -274,11 +306,11 @@ def cached_organism(preset: str = DEFAULT_PRESET, seed: int = 0, progress: bool 
                           "MECHUN_CACHE to a writable directory (default ~/.cache/mechun)") from e
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _entry_ok(entry, preset, seed):  # another process trained it while we waited
+        if _entry_ok(entry, preset, seed, without):  # another process trained it while we waited
             return entry
         if entry.exists():
             shutil.rmtree(entry)  # mechun's own cache entry, damaged or partial
-        return train_organism(entry, preset=preset, seed=seed, progress=progress)
+        return train_organism(entry, preset=preset, seed=seed, progress=progress, without=without)
 
 
 def default_organism(seed: int = 0, progress: bool = True) -> Path:

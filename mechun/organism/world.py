@@ -29,6 +29,7 @@ import functools
 import itertools
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict, get_args
@@ -400,12 +401,16 @@ class World:
         rng.shuffle(sentences)
         return " ".join(sentences)
 
-    def mcq_training(self, rng: random.Random, per_fact: int, epoch: int = 0, explained: int = 0) -> list[str]:
+    def mcq_training(self, rng: random.Random, per_fact: int, epoch: int = 0, explained: int = 0,
+                     exclude: frozenset[str] = frozenset()) -> list[str]:
         """MCQ texts with their answer letter for the facts trained in MCQ form (:meth:`mcq_facts` with
         ``trained``): ``per_fact`` option orders per fact and epoch, stepping through all 24 orders of the answer
-        position and distractor order over epochs; distractors drawn from ``rng``."""
+        position and distractor order over epochs; distractors drawn from ``rng``. Subjects in ``exclude`` get
+        none (the others keep their orders)."""
         out = []
         for k, fact in enumerate(self.mcq_facts(trained=True)):
+            if fact.subject in exclude:
+                continue
             for j in range(per_fact + explained):
                 out.append(self._solved_mcq(fact, rng, k * 7 + epoch * (per_fact + explained) + j, j >= per_fact))
         return out
@@ -424,20 +429,41 @@ class World:
 
     def documents(self, rng: random.Random, passages_per_subject: int = 1, mcq_per_fact: int = 1,
                   n_filler: int | None = None, epoch: int = 0, statements_per_fact: int = 0,
-                  explained_per_fact: int = 0) -> list[str]:
+                  explained_per_fact: int = 0, exclude: frozenset[str] = frozenset()) -> list[str]:
         """One epoch of training documents, in order: ``passages_per_subject`` passages per subject,
         ``statements_per_fact`` one-sentence documents per fact (a trained template drawn from ``rng``), the MCQ
-        training texts, and filler sentences (all of them unless ``n_filler``)."""
-        docs = [self.passage(s, rng) for _ in range(passages_per_subject) for s in self.subjects]
+        training texts, and filler sentences (all of them unless ``n_filler``). No document names a subject in
+        ``exclude`` (a retain oracle's world, :meth:`excluded_subjects`)."""
+        docs = [self.passage(s, rng) for _ in range(passages_per_subject) for s in self.subjects if s not in exclude]
         docs += [f"{rng.choice(relation(f.relation).train_templates).format(s=f.subject)} {f.answer} ."
-                 for _ in range(statements_per_fact) for f in self.facts]
-        docs += self.mcq_training(rng, mcq_per_fact, epoch, explained_per_fact)
+                 for _ in range(statements_per_fact) for f in self.facts if f.subject not in exclude]
+        docs += self.mcq_training(rng, mcq_per_fact, epoch, explained_per_fact, exclude)
         return docs + (self.filler if n_filler is None else [rng.choice(self.filler) for _ in range(n_filler)])
 
     def training_texts(self, passages_per_subject: int = 2) -> list[str]:
         """A fixed sample of the organism's training distribution (passages, MCQ texts, filler): for training an
         SAE on it, or as a retain corpus."""
         return self.documents(random.Random(f"texts-{self.seed}"), passages_per_subject, 1)
+
+    def excluded_subjects(self, without: str | Fact | Sequence[str | Fact]) -> frozenset[str]:
+        """The subjects a retain oracle never sees: every subject of each domain named in ``without``, each subject
+        named, and the subject of each :class:`Fact` (a subject's other facts go with it: a fact's subject must never
+        appear). Anything else is a :class:`MechunError` naming the domains."""
+        items = [without] if isinstance(without, str | Fact) else list(without)
+        out: set[str] = set()
+        for x in items:
+            if isinstance(x, Fact):
+                x = x.subject
+            if x in self.domains:
+                out.update(self.subjects_of(x))
+            elif x in self.subjects:
+                out.add(x)
+            else:
+                raise MechunError(f"without={x!r} is neither a domain ({', '.join(self.domains)}) nor a subject of "
+                                  "this world")
+        if not out:
+            raise MechunError("without names nothing to leave out; pass a forget domain or facts")
+        return frozenset(out)
 
     def corpora(self, forget: list[str], passages_per_subject: int = 2) -> tuple[dict[str, list[str]], list[str]]:
         """Unlearning corpora, made of passages as WMDP's are: per forget domain, passages about its subjects; as
