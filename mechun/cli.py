@@ -786,6 +786,8 @@ _ANALYSIS_HELP = {
     "edit-specificity": "CounterFact+ static vs dynamic neighbourhood scores of localized edits",
     "restore": "corrupt-then-unlearn (RESTOR), does unlearning restore the true facts?",
     "organism": "train the main organism and evaluate it",
+    "depth-benchmark": "every unlearning method x strengths x seeds; which depth measure predicts relearning beyond "
+                       "the retain oracle (AUC, Spearman)",
 }
 
 

@@ -24,7 +24,8 @@ from mechun.errors import MechunError
 #: ``mechun reproduce`` names and the script each runs (``analyses/{script}.py``).
 ANALYSES = {"organism": "organism_baseline", "rmu-shallow": "rmu_shallowness",
             "localized-editing": "localized_editing", "sae-unlearning": "sae_unlearning",
-            "depth": "depth", "edit-specificity": "edit_specificity", "restore": "restore"}
+            "depth": "depth", "edit-specificity": "edit_specificity", "restore": "restore",
+            "depth-benchmark": "depth_benchmark"}
 
 
 def analyses_dir() -> Path:

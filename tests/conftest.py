@@ -65,6 +65,14 @@ def tiny_organism_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_oracle_dir(tiny_organism_dir) -> Path:
+    """The tiny organism's retain oracle without ``pathogen`` (same world, seed and schedule), from the test cache."""
+    from mechun.organism.train import cached_organism
+
+    return cached_organism("tiny", TINY_SEED, progress=False, without="pathogen")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_organism_dir):
     from mechun import load_model
 

@@ -171,10 +171,8 @@ def test_cli_unlearn_saves_a_checkpoint_with_its_record(tiny_organism_dir, tmp_p
 
 # -- the retain oracle and UDS ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def oracle_dir(tiny_organism_dir):
-    from mechun.organism.train import cached_organism
-
-    return cached_organism("tiny", TINY_SEED, progress=False, without="pathogen")
+def oracle_dir(tiny_oracle_dir):
+    return tiny_oracle_dir
 
 
 def test_world_documents_never_name_an_excluded_subject(tiny_world):
@@ -231,3 +229,36 @@ def test_uds_refuses_models_that_cannot_be_patched(tiny_organism_dir, tiny_model
     p = tiny_world.prompts("pathogen")[0]
     with pytest.raises(ModelMismatchError, match="layers"):
         unlearning_depth_score(tiny_model, shallower, tiny_model, [p.text], [p.answer])
+
+
+# -- the depth benchmark's scoring --------------------------------------------------------------------------------------
+def test_auc_and_spearman_by_hand():
+    from mechun.depth.benchmark import auc, spearman
+
+    assert auc([0.9, 0.8, 0.1, 0.3], [True, True, False, False]) == 1.0
+    assert auc([0.1, 0.8, 0.9, 0.3], [True, True, False, False]) == pytest.approx(0.25)  # 1 of 4 pairs won
+    assert auc([0.5, 0.5], [True, False]) == 0.5 and math.isnan(auc([1.0], [True]))
+    assert spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman([1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.9486833, rel=1e-6)  # ties get average ranks
+    assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+def test_score_measures_ranks_a_faithful_measure_above_noise():
+    import random
+
+    from mechun.depth.benchmark import score_measures
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        adv = rng.random()
+        rows.append({"method": "ab"[i % 2], "advantage": adv, "faithful": adv + 0.05 * rng.random(),
+                     "noise": rng.random(), "inverted": -adv})
+    s = score_measures(rows, ["faithful", "noise", "inverted"], threshold=0.5, reps=200)
+    assert s["faithful"]["auc"] > 0.95 and s["faithful"]["auc_ci"][0] > 0.8 and s["faithful"]["spearman"] > 0.9
+    assert s["inverted"]["auc"] < 0.05  # reported as is: a measure pointing the wrong way
+    assert 0.2 < s["noise"]["auc"] < 0.8 and s["noise"]["auc_ci"][0] < 0.5 < s["noise"]["auc_ci"][1]
+    assert set(s["faithful"]["auc_without"]) == {"a", "b"} and s["faithful"]["n"] == 40
+    by_median = score_measures(rows, ["faithful"], reps=50)["faithful"]  # default label: above the median advantage
+    assert by_median["n_positive"] == 20 and by_median["auc"] > 0.95

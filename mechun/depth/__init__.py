@@ -25,6 +25,9 @@ The package is split so that no module mixes measuring with drawing: :mod:`~mech
 JSON in and out, seed aggregation), :mod:`~mechun.depth.measure` (the measurements), :mod:`~mechun.depth.verdict`
 (the rules) and :mod:`~mechun.depth.report` (figures, ``card.json`` and ``report.html``).
 
+Beyond the card: :func:`~mechun.depth.uds.unlearning_depth_score` (UDS, for a full / retain / unlearned triple)
+and :mod:`~mechun.depth.benchmark` (every measure scored against relearning beyond the retain oracle).
+
 Nothing here changes either model's weights: relearning runs on a fresh copy the caller provides.
 """
 
@@ -46,11 +49,12 @@ from mechun.depth.card import (
 )
 from mechun.depth.measure import DepthConfig, depth_card, mcq_depth_card
 from mechun.depth.report import card_blocks, write_card
+from mechun.depth.uds import UDSResult, unlearning_depth_score
 from mechun.depth.verdict import HIDDEN, MIN_FORGOTTEN, REMOVED, verdict
 
 __all__ = [
     "HIDDEN", "MIN_FORGOTTEN", "REMOVED", "Behaviour", "CKASection", "DepthCard", "DepthConfig", "FormatAccuracy",
     "JunkSection", "McqAllOrders", "ProbeSection", "RelearningSection", "SeedMeanCard", "Skipped", "Specificity",
     "Verdict", "aggregate_cards", "card_blocks", "depth_card", "mcq_depth_card", "summary_row", "verdict",
-    "write_card",
+    "write_card", "UDSResult", "unlearning_depth_score",
 ]
