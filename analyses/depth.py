@@ -78,8 +78,8 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
     how: dict[str, Any] = {
         "rmu": main_setting(L, [FORGET], quick),
         "localized_ft": LocalizedFTConfig(steps=60 if quick else 150, components=mask.components),
-        "depth": DepthConfig(relearn_steps=(0, 5, 10) if quick else (0, 5, 10, 20, 40),
-                             probe_steps=150 if quick else 300),
+        "depth": DepthConfig(relearn_steps=(0, 5) if quick else (0, 5, 10, 20, 40),
+                             probe_steps=100 if quick else 300),
         "mlp_scores": mlp_scores, "data": data}
     log(f"causal tracing (MLP, last subject token) on '{FORGET}': {[round(s, 3) for s in mlp_scores]}")
     cards: dict[str, list[DepthCard]] = {m: [] for m in METHODS}
