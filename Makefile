@@ -15,7 +15,7 @@ setup: $(STAMP)
 # A CPU build of torch where there is no GPU (pip takes it from local disk here); the CUDA build otherwise.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "pip>=23"  # no-op (and no index query) when the venv already has it
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m pip install -q "torch>=2.6"; \
 	else \

@@ -58,9 +58,10 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_organism_dir(tmp_path_factory) -> Path:
-    """The tiny organism, trained once per session through the CLI (the acceptance command)."""
+    """The tiny organism, trained once per session through the CLI (the acceptance command; in-process: the process
+    boundary does not matter here, and a new process would cost its start-up)."""
     out = tmp_path_factory.mktemp("organism") / "tiny"
-    run_cli_process("organism", "train", "--preset", "tiny", "--seed", str(TINY_SEED), "--out", str(out), "--no-progress")
+    run_cli("organism", "train", "--preset", "tiny", "--seed", str(TINY_SEED), "--out", str(out), "--no-progress")
     return out
 
 
