@@ -33,6 +33,7 @@ from mechun.evaluate import evaluate_world, retain_accuracy
 from mechun.io import write_json
 from mechun.models import load_model, n_layers
 from mechun.organism.train import cached_organism
+from mechun.organism.world import retain_domains
 from mechun.plots import grouped_bars
 from mechun.report import table, write_report
 from mechun.reproduce import prepare, preset_for, seeds_for
@@ -122,10 +123,10 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print, organism: str 
             for label, cfg in levels:
                 model = load_model(ckpt, device="cpu")
                 unlearn(model, replace(cfg, seed=s), data, reference=base)
-                acc = evaluate_world(model, world, formats=("train",))
+                measured = checkpoint_measures(base, model, oracle, world, FORGET, probe_steps, seed=s)
+                retain = retain_accuracy(evaluate_world(model, world, retain_domains(), formats=("train",)))
                 row: dict[str, Any] = {"method": method, "setting": label, "seed": s,
-                                       "forget": acc[FORGET]["train"], "retain": retain_accuracy(acc)["train"]}
-                row.update(checkpoint_measures(base, model, base, oracle, world, FORGET, probe_steps, seed=s))
+                                       "forget": measured["forget_accuracy"], "retain": retain["train"], **measured}
                 curve = relearn_curve(model, world, FORGET, steps, seed=s)  # in place: the checkpoint's last use
                 row.update(relearn_curve=curve, advantage=relearn_advantage(curve, oracle_curves[s]))
                 rows.append(row)

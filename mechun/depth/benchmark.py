@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from mechun.depth.measure import relearn_split
 from mechun.edit import relearn
-from mechun.evaluate import cloze_accuracy, evaluate_world
+from mechun.evaluate import answer_scores, cloze_accuracy
 from mechun.junk import diagnose_junk, junk_recovery, pair_caches
-from mechun.models import Model, model_fingerprint, n_layers
-from mechun.organism.world import Prompt, World, retain_domains
-from mechun.representation import cka_between, probe_recoverability, subject_folds
+from mechun.models import Model, model_device, model_fingerprint, n_layers
+from mechun.organism.world import World, retain_domains
+from mechun.representation import cka_between, probe_recoverability
 
 #: What each measure is and which way it points (every one: higher = more knowledge left).
 MEASURES: dict[str, str] = {
@@ -44,18 +45,10 @@ MEASURES: dict[str, str] = {
 }
 
 
-def split_forget(world: World, forget: str, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
-    """The forget domain's trained-template prompts in two halves by subject: relearned on, and held out."""
-    prompts = world.prompts(forget)
-    in_train = subject_folds([p.fact.subject for p in prompts], seed=seed)
-    return ([p for p, t in zip(prompts, in_train, strict=True) if t],
-            [p for p, t in zip(prompts, in_train, strict=True) if not t])
-
-
 def relearn_curve(model: Model, world: World, forget: str, steps: Sequence[int], lr: float = 1e-3,
                   seed: int = 0) -> list[float]:
     """Held-out accuracy while fine-tuning ``model`` (in place: pass a copy) on the other half of the forget facts."""
-    train, held = split_forget(world, forget, seed)
+    train, held = relearn_split(world, forget, seed)
     return relearn(model, train, held, steps, lr=lr, seed=seed).held_out_accuracy
 
 
@@ -77,29 +70,27 @@ def _logit_lens_accuracy(model: Model, prompts: Sequence[Prompt]) -> float:
     best = 0.0
     with torch.no_grad():
         for layer in range(feats.shape[0]):
-            logits = model.unembed(model.ln_final(feats[layer][:, None].to(next(model.parameters()).device)))[:, 0]
+            logits = model.unembed(model.ln_final(feats[layer][:, None].to(model_device(model))))[:, 0]
             best = max(best, float((logits.argmax(-1).cpu() == targets).float().mean()))
     return best
 
 
-def checkpoint_measures(base: Model, unlearned: Model, full_for_uds: Model, oracle: Model, world: World,
-                        forget: str, probe_steps: int = 200, seed: int = 0,
-                        uds_prompts: int = 96) -> dict[str, float]:
-    """Every measure of :data:`MEASURES` for one unlearned checkpoint (higher = more knowledge left). Nothing here
-    changes a weight (checked)."""
+def checkpoint_measures(base: Model, unlearned: Model, oracle: Model, world: World, forget: str,
+                        probe_steps: int = 200, seed: int = 0, uds_prompts: int = 96) -> dict[str, float]:
+    """Every measure of :data:`MEASURES` for one unlearned checkpoint (higher = more knowledge left); ``base`` is
+    the full model UDS patches into. Nothing here changes a weight (checked)."""
     from mechun.depth.uds import unlearning_depth_score
-    from mechun.evaluate import answer_logprob
 
     fingerprints = [model_fingerprint(m) for m in (base, unlearned, oracle)]
     prompts = world.prompts(forget)
     texts = [p.text for p in prompts]
     retain_texts = [p.text for d in retain_domains() for p in world.prompts(d)[::4]]
     out: dict[str, float] = {}
-    acc = evaluate_world(unlearned, world, domains=[forget], formats=("train", "paraphrase"))[forget]
-    out["forget_accuracy"], out["paraphrase_accuracy"] = acc["train"], acc["paraphrase"]
-    out["answer_logprob"] = float(answer_logprob(unlearned, texts, [p.answer for p in prompts]).mean())
+    correct, logp = answer_scores(unlearned, texts, [p.answer for p in prompts])  # one forward for both
+    out["forget_accuracy"], out["answer_logprob"] = float(correct.float().mean()), float(logp.mean())
+    out["paraphrase_accuracy"] = cloze_accuracy(unlearned, world.prompts(forget, "paraphrase"))
     one_per_fact = prompts[::len(prompts) // len(world.facts_of(forget))][:uds_prompts]
-    uds = unlearning_depth_score(full_for_uds, oracle, unlearned, [p.text for p in one_per_fact],
+    uds = unlearning_depth_score(base, oracle, unlearned, [p.text for p in one_per_fact],
                                  [p.answer for p in one_per_fact])
     out["uds"] = 1 - uds.score if not math.isnan(uds.score) else math.nan
     probe_ps = prompts + world.prompts(forget, "paraphrase")
@@ -109,10 +100,9 @@ def checkpoint_measures(base: Model, unlearned: Model, full_for_uds: Model, orac
     caches = pair_caches(base, unlearned, texts, retain_texts)
     diag = diagnose_junk(base, unlearned, texts, retain_texts, caches=caches)
     out["cka"] = sum(cka_between(caches.forget_base, caches.forget_unlearned)) / n_layers(base)
-    rec = junk_recovery(base, unlearned, diag,
-                        lambda m: {forget: {"train": cloze_accuracy(m, prompts)}}, forget=forget, controls=(),
-                        before={"base": {forget: {"train": 1.0}}, "unlearned": {forget: {"train": acc["train"]}}})
-    out["junk_recovery"] = rec.scores["ablated"][forget]["train"] - acc["train"]
+    rec = junk_recovery(base, unlearned, diag, lambda m: {forget: {"train": cloze_accuracy(m, prompts)}},
+                        forget=forget, controls=(), before={"unlearned": {forget: {"train": out["forget_accuracy"]}}})
+    out["junk_recovery"] = rec.scores["ablated"][forget]["train"] - out["forget_accuracy"]
     out["logit_lens"] = _logit_lens_accuracy(unlearned, one_per_fact)
     out["norm_ratio"] = -max(diag.norm_ratio_forget)
     assert [model_fingerprint(m) for m in (base, unlearned, oracle)] == fingerprints, "a measure changed weights"

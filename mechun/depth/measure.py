@@ -57,7 +57,7 @@ from mechun.junk import (
     recovery_fraction,
 )
 from mechun.models import Model, check_layer, model_fingerprint, n_layers
-from mechun.organism.world import DOMAINS, LETTERS, MCQ, World, retain_domains
+from mechun.organism.world import DOMAINS, LETTERS, MCQ, Prompt, World, retain_domains
 from mechun.representation import cka_between, probe_recoverability, subject_folds
 
 Log = Callable[[str], None]
@@ -139,16 +139,22 @@ def _probes(base: Model, unlearned: Model, world: World, forget: str, interventi
                         (best_u - pb.chance) / above if above > 1e-9 else float("nan"))
 
 
+def relearn_split(world: World, forget: str, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """The forget domain's trained-template prompts in two halves by subject (by ``seed``): relearned on, and held
+    out (the relearning attack of the card and of the depth benchmark)."""
+    prompts = world.prompts(forget)
+    in_train = subject_folds([p.fact.subject for p in prompts], seed=seed)
+    return ([p for p, t in zip(prompts, in_train, strict=True) if t],
+            [p for p, t in zip(prompts, in_train, strict=True) if not t])
+
+
 def _relearning(relearn_copy: Callable[[], Model] | None, world: World, forget: str, cfg: DepthConfig,
                 base_acc: float) -> RelearningSection | Skipped:
     """Fine-tune a fresh copy on half the forget subjects' facts; accuracy on the other half along the way."""
     if relearn_copy is None:
         return Skipped("no trainable copy of the unlearned model (an inference-time intervention, or none given): "
                        "relearning not measured")
-    prompts = world.prompts(forget)
-    in_train = subject_folds([p.fact.subject for p in prompts], seed=cfg.seed)  # half the subjects, by seed
-    train = [p for p, t in zip(prompts, in_train, strict=True) if t]
-    held = [p for p, t in zip(prompts, in_train, strict=True) if not t]
+    train, held = relearn_split(world, forget, cfg.seed)
     curve = relearn(relearn_copy(), train, held, sorted(set(cfg.relearn_steps) | {0}), lr=cfg.relearn_lr,
                     batch_size=cfg.relearn_batch, seed=cfg.seed)
     steps, curve_held, curve_train = curve.steps, curve.held_out_accuracy, curve.relearned_accuracy

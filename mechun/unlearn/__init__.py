@@ -26,7 +26,7 @@ from typing import Any
 
 from mechun.errors import MechunError
 from mechun.models import Model, save_model
-from mechun.organism.world import Prompt, World, retain_domains
+from mechun.organism.world import Prompt, World, relation, retain_domains
 from mechun.unlearn.gradient import (
     GRADIENT_METHODS,
     GradAscentConfig,
@@ -66,8 +66,6 @@ class UnlearnData:
         domains = [forget] if isinstance(forget, str) else list(forget)
         forget_texts, retain = world.corpora(domains)
         keep = [d for d in retain_domains() if d not in domains] or [d for d in world.domains if d not in domains]
-        from mechun.organism.world import relation
-
         return cls(forget_texts, retain,
                    forget_prompts=[p for d in domains for p in world.prompts(d)],
                    maintain_prompts=[p for d in keep for p in world.prompts(d)],

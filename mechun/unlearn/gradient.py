@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -44,7 +45,7 @@ from mechun.unlearn.losses import (
 
 
 @dataclass
-class GradientConfig:
+class GradientConfig(ABC):
     """What every gradient method shares. ``alpha`` weighs the retain cross-entropy (methods without a retain term
     ignore it); ``components`` (``[("mlp", 1), ...]``) limits training to those blocks (``None``: every weight)."""
 
@@ -80,9 +81,11 @@ class GradientConfig:
             if not self.components:
                 raise MechunError(f"{name}.components is empty; pass None to train every weight")
 
+    @abstractmethod
     def loss(self, forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor] | None,
              ref_logp: Tensor | None) -> Float[Tensor, ""]:
-        raise NotImplementedError
+        """The method's objective from (log-likelihood, token count) of the forget and retain batches and the
+        reference's forget log-likelihoods (each subclass: one function of :mod:`mechun.unlearn.losses`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, **{f.name: getattr(self, f.name) for f in fields(self)}}
