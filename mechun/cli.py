@@ -777,6 +777,49 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_depth_measures(sub: Subparsers) -> None:
+    from mechun.data import QA_TEMPLATES
+
+    p = sub.add_parser("depth-measures", help="the depth benchmark's measures (UDS, CKA, junk recovery, logit lens, "
+                       "...) for any full / retain / unlearned checkpoints on TOFU-format question files")
+    p.add_argument("--full", required=True, help="checkpoint dir trained on everything (e.g. TOFU full)")
+    p.add_argument("--retain", required=True, help="checkpoint dir never trained on the forget set (e.g. retain90)")
+    p.add_argument("--unlearned", required=True, help="the unlearned checkpoint dir, made by any method")
+    p.add_argument("--forget-qa", required=True, help="forget questions, TOFU format (e.g. forget10.json)")
+    p.add_argument("--retain-qa", required=True, help="retain questions, TOFU format (e.g. retain_perturbed.json)")
+    p.add_argument("--template", default="plain",
+                   help="prompt template: one of " + ", ".join(f"{k} ({v!r})" for k, v in QA_TEMPLATES.items())
+                   + ", or a string with {question} (default: %(default)s)")
+    p.add_argument("--max-questions", type=_positive_int, default=200,
+                   help="use the first N questions of each file (default: %(default)s)")
+    p.add_argument("--uds-questions", type=_positive_int, default=100,
+                   help="UDS on the first N forget questions; it costs two forwards per layer (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
+    _model_options(p, large=True)
+    _out_option(p, "new directory for measures.json and report.html")
+    _progress_option(p)
+    _command(p, _cmd_depth_measures)
+
+
+def _cmd_depth_measures(args: argparse.Namespace) -> int:
+    from mechun.data import load_qa, qa_template
+    from mechun.depth.checkpoint import qa_checkpoint_card, write_checkpoint_card
+    from mechun.models import load_model, resolve_source
+
+    template = qa_template(args.template)  # every input is checked before the first model loads
+    forget, retain = load_qa(args.forget_qa), load_qa(args.retain_qa)
+    for option in ("full", "retain", "unlearned"):
+        resolve_source(getattr(args, option))  # a local dir is validated; a hub name passes (for online users)
+    models = {k: load_model(getattr(args, k), **_load_kwargs(args)) for k in ("full", "retain", "unlearned")}
+    log = None if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    card = qa_checkpoint_card(models["full"], models["retain"], models["unlearned"], forget, retain, template,
+                              args.max_questions, args.uds_questions, args.batch_size, log=log)
+    card.models = {k: str(getattr(args, k)) for k in ("full", "retain", "unlearned")}
+    write_checkpoint_card(card, Path(args.out), overwrite=args.overwrite)
+    print(json.dumps({"out": str(args.out), "uds": card.uds["score"], "measures": card.measures}))
+    return 0
+
+
 # -- reproduce -------------------------------------------------------------------------------------------------------
 _ANALYSIS_HELP = {
     "rmu-shallow": "RMU junk-direction diagnosis and recovery (the main job)",
@@ -818,7 +861,7 @@ def build_parser() -> Parser:
     p = argparse.ArgumentParser(prog="mechun", description="Mechanistic study of unlearning and editing in LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_organism, _add_eval, _add_cache, _add_rmu, _add_unlearn, _add_junk, _add_localize, _add_edit,
-                _add_sae, _add_depth, _add_reproduce):
+                _add_sae, _add_depth, _add_depth_measures, _add_reproduce):
         add(sub)
     return p
 

@@ -7,6 +7,11 @@ Three formats, each in the schema its public release uses, so a downloaded copy 
   optional ``subject`` -- in JSON Lines, a JSON array or parquet.
 * **CounterFact** (:func:`load_counterfact`): ROME's ``counterfact.json`` (Meng et al. 2022): a requested rewrite
   (prompt template with ``{}``, subject, new and true target) plus paraphrase, neighbourhood and attribute prompts.
+* **Question answering, TOFU format** (:func:`load_qa`): ``locuslab/TOFU`` and the open-unlearning splits
+  (``forget10.json``, ``retain90.json``, ``*_perturbed.json``): ``question`` and ``answer`` strings, optional
+  ``paraphrased_question``, ``paraphrased_answer`` and ``perturbed_answer`` (a list of wrong answers). The hub
+  ships these as JSON Lines under a ``.json`` name; both that and a JSON array load, as do ``.jsonl`` and parquet.
+  :func:`qa_prompts` renders the questions with the model's prompt template.
 * **Sports facts** (:func:`load_sports_facts`): the athlete -> sport CSV of the fact-finding and localized-unlearning
   work (Nanda et al. 2023, "Fact Finding"; Guo et al. 2024).
 
@@ -33,8 +38,8 @@ from mechun.errors import MechunError
 from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES
 
 __all__ = [
-    "CounterFactRecord", "DataError", "DataFileNotFoundError", "SportsFact", "load_counterfact", "load_mcq",
-    "load_sports_facts", "read_prompts", "sports_prompts", "write_jsonl",
+    "QA", "QA_TEMPLATES", "CounterFactRecord", "DataError", "DataFileNotFoundError", "SportsFact", "load_counterfact",
+    "load_mcq", "load_qa", "load_sports_facts", "qa_prompts", "read_prompts", "sports_prompts", "write_jsonl",
 ]
 
 
@@ -76,8 +81,22 @@ def _no_records(p: Path, expect: str) -> DataError:
     return DataError(f"{p}: empty file (no records); expected {expect}")
 
 
-def _records(p: Path, expect: str) -> list[tuple[str, Any]]:
-    """``(where, raw record)`` pairs of a JSONL, JSON-array or parquet file; ``where`` is how errors cite it."""
+def _json_lines(p: Path, text: str) -> list[tuple[str, Any]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # a trailing or separating blank line is not a record
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} line {n}: invalid JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from e
+    return out
+
+
+def _records(p: Path, expect: str, json_lines_ok: bool = False) -> list[tuple[str, Any]]:
+    """``(where, raw record)`` pairs of a JSONL, JSON-array or parquet file; ``where`` is how errors cite it.
+    ``json_lines_ok``: a ``.json`` file may hold JSON Lines (as the TOFU files on the hub do)."""
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -90,15 +109,7 @@ def _records(p: Path, expect: str) -> list[tuple[str, Any]]:
             raise DataError(f"{p}: cannot be read as parquet ({e}); expected a parquet table") from e
         out = [(f"record {i}", r) for i, r in enumerate(rows)]
     elif suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(_read_text(p).splitlines(), start=1):
-            if not line.strip():
-                continue  # a trailing or separating blank line is not a record
-            try:
-                out.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p} line {n}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from e
+        out = _json_lines(p, _read_text(p))
     else:
         text = _read_text(p)
         if not text.strip():
@@ -106,9 +117,13 @@ def _records(p: Path, expect: str) -> list[tuple[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
+            if json_lines_ok and e.msg == "Extra data":
+                return _json_lines(p, text)
             hint = " (it looks like JSON Lines: rename it to .jsonl)" if e.msg == "Extra data" else ""
             raise DataError(f"{p} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}; "
                             "expected a JSON array of records") from e
+        if json_lines_ok and isinstance(data, dict):  # a one-line JSON Lines file
+            return _json_lines(p, text)
         if not isinstance(data, list):
             raise DataError(f"{p}: top level is a JSON {type(data).__name__}; expected a JSON array of records")
         out = [(f"record {i}", r) for i, r in enumerate(data)]
@@ -229,6 +244,75 @@ def load_mcq(path: str | Path, style: str = "mmlu", subject: str | None = None) 
         found = sorted({s for s, _ in out if s is not None})
         raise DataError(f"{p}: no record has subject {subject!r}; subjects in the file: {found or 'none'}")
     return kept
+
+
+# -- question answering (TOFU) --------------------------------------------------------------------------------------
+_QA_FORMATS = {".json": "JSON array or JSON Lines", ".jsonl": "JSON Lines", ".parquet": "parquet"}
+_QA_EXPECT = "records with 'question' and 'answer' strings, as in locuslab/TOFU (forget10.json, retain90.json)"
+
+#: Prompt templates of common chat formats; ``{question}`` is replaced, the answer follows after one space.
+QA_TEMPLATES: dict[str, str] = {
+    "plain": "Question: {question}\nAnswer:",
+    "llama2-chat": "[INST] {question} [/INST]",  # open-unlearning's tofu_Llama-2-7b-chat-hf
+    "raw": "{question}",
+}
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question-answer pair of a TOFU-format file. ``perturbed_answers`` are TOFU's wrong answers (for the
+    truth ratio); ``source`` is ``"<file name>:<line N | record N>"``."""
+
+    question: str
+    answer: str
+    paraphrased_question: str | None = None
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] = ()
+    source: str = ""
+
+
+def load_qa(path: str | Path) -> list[QA]:
+    """TOFU-format question-answer pairs (see the module docstring); every record is validated before any is
+    returned."""
+    p = _check_path(path, _QA_FORMATS)
+    out = []
+    for where, raw in _records(p, _QA_EXPECT, json_lines_ok=True):
+        rec = _Record(p, where, raw)
+        opt = "a non-empty string (or the field left out)"
+        perturbed = rec.get("perturbed_answer", "a list of strings (or the field left out)", required=False)
+        out.append(QA(
+            question=rec.text("question", "a non-empty string (the question)").strip(),
+            answer=rec.text("answer", "a non-empty string (the answer)").strip(),
+            paraphrased_question=rec.text("paraphrased_question", opt, required=False),
+            paraphrased_answer=rec.text("paraphrased_answer", opt, required=False),
+            perturbed_answers=((perturbed,) if isinstance(perturbed, str) else rec.strings("perturbed_answer")),
+            source=f"{p.name}:{where}"))
+    return out
+
+
+def qa_template(template: str) -> str:
+    """A template name of :data:`QA_TEMPLATES` or a template string with exactly one ``{question}``."""
+    template = QA_TEMPLATES.get(template, template)
+    if template.count("{question}") != 1:
+        raise DataError(f"QA template {template!r} must contain '{{question}}' exactly once, or be one of "
+                        f"{sorted(QA_TEMPLATES)}")
+    try:
+        template.format(question="")
+    except (IndexError, KeyError, ValueError) as e:
+        raise DataError(f"QA template {template!r} has a placeholder other than '{{question}}' ({e}); "
+                        "write a literal brace as '{{' or '}}'") from e
+    return template
+
+
+def qa_prompts(questions: Iterable[QA], template: str = "plain", paraphrased: bool = False,
+               ) -> tuple[list[str], list[str]]:
+    """``(prompts, answers)``: each question rendered with ``template`` (a :data:`QA_TEMPLATES` name or a string
+    with ``{question}``) and its answer. ``paraphrased``: the paraphrased questions instead, with the original
+    answers, for the records that have one (TOFU's ``*_perturbed`` splits)."""
+    template = qa_template(template)
+    pairs = [(q.paraphrased_question, q.answer) for q in questions if q.paraphrased_question] if paraphrased else [
+        (q.question, q.answer) for q in questions]
+    return [template.format(question=t) for t, _ in pairs], [a for _, a in pairs]
 
 
 # -- CounterFact -----------------------------------------------------------------------------------------------------

@@ -57,15 +57,25 @@ def answer_scores(
     model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Teacher-forced exact match and summed log-probability of each answer after its prompt."""
-    correct, logps, _ = _answer_scores(model, prompts, answers, batch_size)
+    correct, logps, _, _ = _answer_scores(model, prompts, answers, batch_size)
     return correct, logps
+
+
+def answer_token_scores(
+    model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
+) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """Per answer, teacher-forced: the mean log-probability of its tokens and the share of them that are the top
+    prediction. The graded behaviour for long answers (TOFU's are sentences), where exact match is near zero even
+    for the model that knows them."""
+    _, logps, n_tokens, hits = _answer_scores(model, prompts, answers, batch_size)
+    return logps / n_tokens, hits / n_tokens
 
 
 @torch.inference_mode()
 def _answer_scores(
     model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
-) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"], Int[Tensor, " n"]]:
-    """Exact match, summed log-probability and number of tokens of each answer.
+) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """Exact match, summed log-probability, number of tokens and number of top-1 tokens of each answer.
 
     Texts are batched by length (shortest first) so that a batch pads to its own longest text, not the list's; the
     results come back in the order given."""
@@ -79,7 +89,7 @@ def _answer_scores(
     if bool((n_full <= n_prompt).any()):
         raise MechunError("an answer tokenised to zero tokens; pass a non-empty answer")
     n = len(prompts)
-    correct, logps = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+    correct, logps, hits = torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n, dtype=torch.long)
     for idx in torch.argsort(n_full, stable=True).split(batch_size):
         width = int(n_full[idx].max())
         ids = full_ids[idx, :width]
@@ -87,11 +97,12 @@ def _answer_scores(
         target = ids[:, 1:].to(logits.device)
         pos = torch.arange(1, width, device=logits.device)
         answer = (pos >= n_prompt[idx, None].to(logits.device)) & (pos < n_full[idx, None].to(logits.device))
-        hit = (logits.argmax(-1) == target) | ~answer
+        top = logits.argmax(-1) == target
+        hit = top | ~answer
         lp = logits[answer].log_softmax(-1).gather(-1, target[answer][:, None])[:, 0]
         per_row = torch.zeros(len(idx), device=logits.device).index_add_(0, answer.nonzero()[:, 0], lp)
-        correct[idx], logps[idx] = hit.all(1).cpu(), per_row.cpu()
-    return correct, logps, n_full - n_prompt
+        correct[idx], logps[idx], hits[idx] = hit.all(1).cpu(), per_row.cpu(), (top & answer).sum(1).cpu()
+    return correct, logps, n_full - n_prompt, hits
 
 
 def answer_correct(model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
@@ -362,8 +373,8 @@ def neighbourhood_scores(model: Model, prompts: Sequence[str], true_objects: Seq
     if len(prompts) != len(true_objects):
         raise MechunError(f"got {len(prompts)} neighbourhood prompts but {len(true_objects)} true objects")
     texts = list(prompts) if edit_statement is None else dynamic_prompts(prompts, edit_statement)
-    _, lp_true, n_true = _answer_scores(model, texts, list(true_objects), batch_size)
-    _, lp_new, n_new = _answer_scores(model, texts, [new_object] * len(texts), batch_size)
+    _, lp_true, n_true, _ = _answer_scores(model, texts, list(true_objects), batch_size)
+    _, lp_new, n_new, _ = _answer_scores(model, texts, [new_object] * len(texts), batch_size)
     return NeighbourhoodScores((lp_true / n_true).exp(), (lp_new / n_new).exp())
 
 

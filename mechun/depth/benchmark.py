@@ -21,15 +21,13 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-
+from mechun.depth.checkpoint import state_measures
 from mechun.depth.measure import relearn_split
 from mechun.edit import relearn
 from mechun.evaluate import answer_scores, cloze_accuracy
-from mechun.junk import diagnose_junk, junk_recovery, pair_caches
-from mechun.models import Model, model_device, model_fingerprint, n_layers
+from mechun.models import Model, model_fingerprint
 from mechun.organism.world import World, retain_domains
-from mechun.representation import cka_between, probe_recoverability
+from mechun.representation import probe_recoverability
 
 #: What each measure is and which way it points (every one: higher = more knowledge left).
 MEASURES: dict[str, str] = {
@@ -59,27 +57,12 @@ def relearn_advantage(unlearned_curve: Sequence[float], oracle_curve: Sequence[f
     return max(float(u - o) for u, o in zip(unlearned_curve, oracle_curve, strict=True))
 
 
-def _logit_lens_accuracy(model: Model, prompts: Sequence[Prompt]) -> float:
-    """Best layer's share of prompts whose first answer token is the top prediction when that layer's last-position
-    residual goes through the final layer norm and the unembedding."""
-    from mechun.models import word_ids
-    from mechun.representation import last_token_features
-
-    feats = last_token_features(model, [p.text for p in prompts])  # [layer, n, d]
-    targets = torch.tensor([word_ids(model, p.answer, "answer")[0] for p in prompts])
-    best = 0.0
-    with torch.no_grad():
-        for layer in range(feats.shape[0]):
-            logits = model.unembed(model.ln_final(feats[layer][:, None].to(model_device(model))))[:, 0]
-            best = max(best, float((logits.argmax(-1).cpu() == targets).float().mean()))
-    return best
-
-
 def checkpoint_measures(base: Model, unlearned: Model, oracle: Model, world: World, forget: str,
                         probe_steps: int = 200, seed: int = 0, uds_prompts: int = 96) -> dict[str, float]:
-    """Every measure of :data:`MEASURES` for one unlearned checkpoint (higher = more knowledge left); ``base`` is
-    the full model UDS patches into. Nothing here changes a weight (checked)."""
-    from mechun.depth.uds import unlearning_depth_score
+    """Every measure of :data:`MEASURES` for one unlearned checkpoint (higher = more knowledge left): the organism's
+    labelled ones here, the text-only ones from :func:`mechun.depth.checkpoint.state_measures`; ``base`` is the full
+    model UDS patches into. Nothing here changes a weight (checked)."""
+    from mechun.models import word_ids
 
     fingerprints = [model_fingerprint(m) for m in (base, unlearned, oracle)]
     prompts = world.prompts(forget)
@@ -89,22 +72,17 @@ def checkpoint_measures(base: Model, unlearned: Model, oracle: Model, world: Wor
     correct, logp = answer_scores(unlearned, texts, [p.answer for p in prompts])  # one forward for both
     out["forget_accuracy"], out["answer_logprob"] = float(correct.float().mean()), float(logp.mean())
     out["paraphrase_accuracy"] = cloze_accuracy(unlearned, world.prompts(forget, "paraphrase"))
-    one_per_fact = prompts[::len(prompts) // len(world.facts_of(forget))][:uds_prompts]
-    uds = unlearning_depth_score(base, oracle, unlearned, [p.text for p in one_per_fact],
-                                 [p.answer for p in one_per_fact])
-    out["uds"] = 1 - uds.score if not math.isnan(uds.score) else math.nan
     probe_ps = prompts + world.prompts(forget, "paraphrase")
     pr = probe_recoverability(unlearned, [p.text for p in probe_ps], [p.fact.subject for p in probe_ps],
                               [p.answer for p in probe_ps], seed=seed, steps=probe_steps)
     out["probe"] = max(pr.accuracy)
-    caches = pair_caches(base, unlearned, texts, retain_texts)
-    diag = diagnose_junk(base, unlearned, texts, retain_texts, caches=caches)
-    out["cka"] = sum(cka_between(caches.forget_base, caches.forget_unlearned)) / n_layers(base)
-    rec = junk_recovery(base, unlearned, diag, lambda m: {forget: {"train": cloze_accuracy(m, prompts)}},
-                        forget=forget, controls=(), before={"unlearned": {forget: {"train": out["forget_accuracy"]}}})
-    out["junk_recovery"] = rec.scores["ablated"][forget]["train"] - out["forget_accuracy"]
-    out["logit_lens"] = _logit_lens_accuracy(unlearned, one_per_fact)
-    out["norm_ratio"] = -max(diag.norm_ratio_forget)
+    one_per_fact = prompts[::len(prompts) // len(world.facts_of(forget))][:uds_prompts]
+    state, _, _ = state_measures(
+        base, oracle, unlearned, texts, retain_texts,
+        ([p.text for p in one_per_fact], [p.answer for p in one_per_fact]),
+        ([p.text for p in one_per_fact], [word_ids(unlearned, p.answer, "answer")[0] for p in one_per_fact]),
+        lambda m: cloze_accuracy(m, prompts), out["forget_accuracy"])
+    out |= state
     assert [model_fingerprint(m) for m in (base, unlearned, oracle)] == fingerprints, "a measure changed weights"
     return out
 
