@@ -18,6 +18,7 @@ prompt and position each came from).
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from typing import Any, Literal, get_args
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
 from mechun.hooks import FAST_KINDS, StopForward, bare_layer_hooks, hooks
@@ -45,6 +45,7 @@ from mechun.models import (
     n_layers,
     tokenize,
 )
+from mechun.progress import progress_bar
 
 _FORMAT = "mechun.ResidualCache/1"
 
@@ -107,6 +108,24 @@ class ResidualCache:
                   "fingerprint": self.fingerprint, "positions": self.positions, "prompts": self.prompts,
                   "meta": self.meta}
         return save_tensors(path, tensors, "mechun", header)
+
+    def _repr_html_(self) -> str:
+        from mechun.display import frame, svg_lines, table
+
+        acts = self.acts.float()
+        if self.positions == "all" and self.mask is not None and acts.ndim == 4:
+            norms = (acts.norm(dim=-1) * self.mask[None]).sum((1, 2)) / self.mask.sum().clamp_min(1)
+        else:
+            norms = acts.norm(dim=-1).flatten(1).mean(1)
+        rows = [{"prompts": len(self.prompts) if self.prompts is not None else "?", "rows (n)": len(self),
+                 "layers": f"{self.layers[0]}..{self.layers[-1]} ({len(self.layers)})" if self.layers else "none",
+                 "positions": self.positions, "shape": "x".join(map(str, self.acts.shape)),
+                 "dtype": str(self.acts.dtype).replace("torch.", ""), "MB": self.nbytes() / 1e6,
+                 "model": self.fingerprint[:12]}]
+        first = f"<div style='color:#555'>first prompt: {html.escape(self.prompts[0][:90])}</div>" if self.prompts else ""
+        chart = svg_lines({"mean residual norm": norms.tolist()}, x_label="cached layer (index)") if len(norms) > 1 else ""
+        return frame("ResidualCache", table(rows, digits=1), first, chart,
+                     hint="cache[layer] -> activations of one layer; .save(path) / ResidualCache.load(path)")
 
     def nbytes(self) -> int:
         """About the size of the saved file."""
@@ -290,7 +309,7 @@ def cache_residuals(
     fns = [collector.hook(i, i == len(layers) - 1) for i in range(len(layers))]
     batches = range(0, n_total, batch_size)
     with _hook_scope(model, hook, layers, names, fns) as bare:
-        for start in tqdm(batches, desc="caching residuals", disable=not progress or len(batches) < 2):
+        for start in progress_bar(batches, desc="caching residuals", disable=not progress or len(batches) < 2):
             rows = torch.arange(start, min(start + batch_size, n_total))
             b_mask = mask[rows]
             collector.start_batch(rows, start, b_mask)

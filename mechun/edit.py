@@ -26,12 +26,12 @@ from typing import Literal, TypedDict, get_args
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechun.errors import MechunError
 from mechun.evaluate import cloze_accuracy
 from mechun.models import Model, bare_forward_view, check_layer, model_device, n_layers, tokenize, word_ids
 from mechun.organism.world import Prompt
+from mechun.progress import progress_bar
 
 #: A component is ``(kind, layer)``: a decoder layer's MLP or its attention block.
 ComponentKind = Literal["mlp", "attn"]
@@ -232,7 +232,7 @@ def localized_finetune(
     torch.manual_seed(seed)
     history = []
     try:
-        for _ in tqdm(range(steps), desc=f"localized fine-tuning ({mask.label or len(params)})", disable=not progress):
+        for _ in progress_bar(range(steps), desc=f"localized fine-tuning ({mask.label or len(params)})", disable=not progress):
             loss, parts = _step_loss(bare, model, prompts, answers, mode, maintain, lm_texts, batch_size,
                                      maintain_weight, lm_weight, rng)
             opt.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ The analyses (``rmu-shallow``, the depth card, ``mechun junk``) call these; none
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +87,23 @@ class JunkDiagnosis:
     def direction(self, layer: int, kind: DirectionKind = "mean_diff") -> Direction:
         return Direction(self.directions[kind][layer], fingerprint=self.fingerprint, layer=layer,
                          meta={"kind": kind})
+
+    def _repr_html_(self) -> str:
+        from mechun.display import frame, svg_lines, table
+
+        peak = self.peak_layer()
+        row = {"peak layer": peak, "norm ratio forget": self.norm_ratio_forget[peak],
+               "norm ratio retain": self.norm_ratio_retain[peak],
+               "explained (mean diff)": self.explained["mean_diff"][peak]}
+        cos = self.cos_with_steering.get("mean_diff", [])
+        if cos and not math.isnan(cos[peak]):
+            row["cos with steering u"] = cos[peak]
+        row |= {"forget tokens": self.n_forget_tokens, "outliers filtered": self.n_filtered}
+        chart = svg_lines({"forget": self.norm_ratio_forget, "retain": self.norm_ratio_retain},
+                          y_label="norm ratio", hline=1.0)
+        return frame("JunkDiagnosis: residual norm ratio, unlearned / base", chart, table([row]),
+                     hint="junk_recovery(base, unlearned, diagnosis, score) projects .direction(peak layer) out; "
+                          "mechun.plots.layer_lines for the interactive figure")
 
 
 def _tokens(cache: ResidualCache, layer: int) -> Float[Tensor, "n d_model"]:
@@ -189,6 +207,18 @@ class JunkRecovery:
     @property
     def recovery_by_format(self) -> dict[str, float]:
         return self.recovery("ablated")
+
+    def _repr_html_(self) -> str:
+        from mechun.display import frame, table
+
+        control = self.recovery("random_ablated") if "random_ablated" in self.scores else {}
+        rows = []
+        for f, r in self.recovery_by_format.items():
+            row = {"format": f} | {c: self.scores[c][self.forget][f] for c in ("base", "unlearned", "ablated")}
+            rows.append(row | {"recovery": r} | ({"random-direction control": control[f]} if f in control else {}))
+        return frame(f"JunkRecovery on '{self.forget}' (direction projected out from layer {self.layer} on)",
+                     table(rows), hint="recovery = (ablated - unlearned) / (base - unlearned); the control should be "
+                                       "near 0")
 
     @property
     def control_recovery(self) -> dict[str, float]:

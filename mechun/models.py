@@ -31,6 +31,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from mechun.errors import CheckpointError, DeviceError, MechunError, ModelMismatchError, VocabularyError
+from mechun.progress import quiet_dependencies
 
 #: Architectures whose loading (and hook-point equivalence with Hugging Face hidden states) the tests check.
 TESTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
@@ -113,9 +114,10 @@ def load_model(
         device = check_device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
-                                                              device_map=device_map, output_loading_info=True)
+        with quiet_dependencies():  # no "Loading weights" bar per checkpoint
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
+                                                                  device_map=device_map, output_loading_info=True)
     except Exception as e:  # a hub name offline; or a local dir whose config, tokenizer or weights are damaged
         if not Path(source).exists():
             if isinstance(e, OSError):
@@ -131,9 +133,10 @@ def load_model(
     if device_map is None:
         hf_model.to(device)
     fuse_activations(hf_model)
-    bridge = TransformerBridge.boot_transformers(
-        source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-    )
+    with quiet_dependencies():
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
     bridge.eval()
     _SOURCES[bridge] = source
     return bridge
@@ -288,8 +291,9 @@ def save_model(model: Model, out_dir: str | os.PathLike, extra_files: dict[str, 
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(hf_config(model))
         fresh.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True, assign=True)
-        fresh.save_pretrained(tmp)
-        model.tokenizer.save_pretrained(tmp)
+        with quiet_dependencies():  # no "Writing model shards" bar per checkpoint
+            fresh.save_pretrained(tmp)
+            model.tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
     return Path(out_dir)

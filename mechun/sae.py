@@ -61,6 +61,7 @@ from mechun.models import (
     model_device,
     tokenize,
 )
+from mechun.progress import quiet_dependencies
 
 #: How an intervention edits the selected features where they are active.
 SAEMode = Literal["clamp", "scale", "zero"]
@@ -159,8 +160,44 @@ def train_sae(
         save_final_checkpoint=False,
     )
     torch.manual_seed(seed)
-    return LanguageModelSAETrainingRunner(cfg, override_model=model,
-                                          override_dataset=Dataset.from_dict({"input_ids": chunks})).run()
+    with _quiet_sae_lens():
+        return LanguageModelSAETrainingRunner(cfg, override_model=model,
+                                              override_dataset=Dataset.from_dict({"input_ids": chunks})).run()
+
+
+_SAE_LENS_BAR_MODULES = ("sae_lens.training.sae_trainer", "sae_lens.training.activation_scaler",
+                         "sae_lens.training.activations_store")
+
+
+@contextmanager
+def _quiet_sae_lens() -> Iterator[None]:
+    """sae-lens' training bars, its log warnings about the overridden model and dataset (mechun passes both on
+    purpose: that is how it trains offline) and the UserWarnings its activation store raises on a small in-memory
+    dataset (mechun cycles it by design) stay out of the user's output; everything is restored on exit."""
+    import importlib
+    import logging
+    import warnings
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    patched = []
+    for name in _SAE_LENS_BAR_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "tqdm"):
+            patched.append((module, module.tqdm))
+            module.tqdm = partial(tqdm, disable=True)
+    logger = logging.getLogger("sae_lens")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), quiet_dependencies():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"sae_lens\.")
+            yield
+    finally:
+        logger.setLevel(level)
+        for module, original in patched:
+            module.tqdm = original
 
 
 def save_sae(sae: Any, path: str | Path, overwrite: bool = False) -> Path:

@@ -165,6 +165,14 @@ def test_no_hooks_left_and_weights_unchanged(tiny_model, prompts):
     assert weights_hash(tiny_model) == before_w
 
 
+def test_cache_displays_its_summary(tiny_model, prompts):
+    cache = cache_residuals(tiny_model, prompts, positions="all")
+    page = cache._repr_html_()
+    assert "ResidualCache" in page and "x".join(map(str, cache.acts.shape)) in page and "all" in page
+    assert page.count("<circle") == len(cache.layers)  # the mean norm of every cached layer is drawn
+    assert cache.fingerprint[:12] in page
+
+
 def test_deterministic(tiny_model, prompts):
     a = cache_residuals(tiny_model, prompts, progress=False)
     b = cache_residuals(tiny_model, prompts, batch_size=3, progress=False)

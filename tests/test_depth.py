@@ -15,6 +15,7 @@ from mechun.depth import (
     Skipped,
     aggregate_cards,
     depth_card,
+    summary_row,
     verdict,
 )
 from mechun.errors import MechunError
@@ -124,6 +125,13 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     assert "Hidden, not removed" in card["verdict"]["line"]
     html = (out / "report.html").read_text()
     assert "plotly" in html and card["verdict"]["line"].split(".")[0] in html
+    # rich display in a notebook: verdict, headline numbers, the norm profile; a seed-mean card shows mean and std
+    loaded = DepthCard.from_json(card)
+    page = loaded._repr_html_()
+    assert card["verdict"]["line"].split(".")[0] in page and "<svg" in page
+    assert f"{card['junk']['recovery_by_format']['train']:.3f}" in page
+    page = aggregate_cards([loaded, loaded])._repr_html_()
+    assert "std" in page and f"{summary_row(loaded)['junk recovery']:.3f}" in page
     # a second run into the same dir is refused, and a bad domain writes nothing
     again = run_cli("depth", "--base", str(tiny_organism_dir), "--unlearned", str(rmu_dir), "--forget", "pathogen",
                     "--out", str(out), check=False)

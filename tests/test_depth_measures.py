@@ -89,6 +89,9 @@ def test_measures_sit_at_their_ends_for_the_oracle_and_the_full_model(tiny_organ
     assert (weights_hash(tiny_model), weights_hash(oracle)) == hashes
     assert count_hooks(tiny_model) == 0 and count_hooks(oracle) == 0
     assert CheckpointCard.from_json(json.loads(json.dumps(as_full.to_json()))).measures == as_full.measures
+    page = as_oracle._repr_html_()
+    assert "<svg" in page and f"{as_oracle.uds['score']:.3f}" in page
+    assert f"{as_oracle.measures['cka']:.3f}" in page
 
 
 def test_cli_depth_measures_writes_measures_and_report(tiny_organism_dir, tiny_oracle_dir, tofu_files, tmp_path):

@@ -84,6 +84,12 @@ def test_rmu_forgets_and_leaves_the_junk_signature(rmu_run, tiny_world):
     assert abs(rec.control_recovery["train"]) < 0.2
     assert rec.scores["base_ablated"]["forget"]["train"] > 0.95  # the junk direction carries nothing in the base
     assert mechun.count_hooks(model) == n_hooks  # none of the recipe's hooks outlive it
+    # rich display: the norm-ratio profile (a chart and its peak numbers) and the recovery table
+    page = diag._repr_html_()
+    assert "<svg" in page and "<polyline" in page and f"{diag.norm_ratio_forget[1]:.3f}" in page
+    assert f"{diag.cos_with_steering['mean_diff'][1]:.3f}" in page
+    page = rec._repr_html_()
+    assert f"{rec.recovery_by_format['train']:.3f}" in page and f"{rec.control_recovery['train']:.3f}" in page
 
 
 def test_rmu_loss_matches_a_hand_computation():

@@ -178,6 +178,11 @@ class DepthCard(_JSON):
     seconds: Num = 0.0
     models: dict[str, Text] = field(default_factory=dict)  # checkpoint paths, where known
 
+    def _repr_html_(self) -> str:
+        from mechun.depth.report import card_html
+
+        return card_html(self)
+
 
 def summary_row(card: DepthCard) -> dict[str, float]:
     """The card's headline numbers, one flat row (for comparison tables and seed aggregation)."""
@@ -226,6 +231,11 @@ class SeedMeanCard(_JSON):
     mean: DepthCard
     summary: dict[str, dict[str, Any]]
     per_seed: list[DepthCard]
+
+    def _repr_html_(self) -> str:
+        from mechun.depth.report import card_html
+
+        return card_html(self)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.mean.to_json(), "summary": self.summary, "per_seed": [c.to_json() for c in self.per_seed],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Any
 
-from mechun.depth.card import DepthCard, ProbeSection, RelearningSection, SeedMeanCard
+from mechun.depth.card import DepthCard, ProbeSection, RelearningSection, SeedMeanCard, summary_row
 from mechun.io import atomic_dir
 from mechun.plots import layer_lines, step_lines
 from mechun.report import table, write_report
@@ -73,6 +74,28 @@ def card_blocks(card: DepthCard | SeedMeanCard, heading: str = "") -> list:
     blocks: list = [("h2", heading)] if heading else []
     blocks.append(f"<p class='verdict'>{card.verdict.line if card.verdict else ''}</p>")
     return blocks + _behaviour_blocks(card) + _recovery_blocks(card) + _specificity_blocks(card)
+
+
+def card_html(card: DepthCard | SeedMeanCard) -> str:
+    """The card's notebook display: verdict, headline numbers (mean +- std over seeds for a seed-mean card) and the
+    forget / retain norm-ratio profile."""
+    from mechun.display import frame, svg_lines
+    from mechun.display import table as small_table
+
+    one = card.mean if isinstance(card, SeedMeanCard) else card
+    if isinstance(card, SeedMeanCard):
+        rows = [{"measure": k, "mean": s.get("mean"), "std": s.get("std"), "seeds": len(card.per_seed)}
+                for k, s in card.summary.items()]
+    else:
+        rows = [{"measure": k, "value": v} for k, v in summary_row(card).items()]
+    verdict = one.verdict.line if one.verdict else "(no verdict)"
+    verdict_html = (f"<div style='background:#eef6ee;border-left:4px solid #4a4;padding:4px 8px;margin:4px 0'>"
+                    f"{html.escape(verdict)}</div>")
+    chart = svg_lines({"forget": one.junk.norm_ratio_forget, "retain": one.junk.norm_ratio_retain},
+                      y_label="norm ratio", hline=1.0)
+    title = f"Depth card: {one.method or 'unlearned model'} on '{one.forget_domain}'"
+    return frame(title, verdict_html, small_table(rows), "<div>norm ratio unlearned / base by layer</div>", chart,
+                 hint="write_card(card, dir) for the full report (probes, relearning, CKA, specificity)")
 
 
 def write_card(card: DepthCard, out_dir: str | Path, title: str | None = None, overwrite: bool = False) -> Path:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from mechun.errors import MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.world import WORLD_VERSION, Fact, World
+from mechun.progress import progress_bar, quiet_dependencies
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _fit(model: torch.nn.Module, batches: Iterator[Packed], preset: Preset, step
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     losses: list[float] = []
-    bar = tqdm(total=steps, desc=desc, disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=steps, desc=desc, disable=not progress, mininterval=1.0)
     for step in range(steps):
         ids, weight, pos, mask = next(batches)
         logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[:, :-1]
@@ -222,7 +222,7 @@ def train_organism(
     losses = _fit(model, _packed_batches(world, tokenizer, preset, seed, exclude), preset, steps,
                   f"training {'retain oracle' if exclude else 'organism'} ({what})", progress)
 
-    with atomic_dir(out, "organism", overwrite) as tmp:
+    with atomic_dir(out, "organism", overwrite) as tmp, quiet_dependencies():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         world.save(tmp / "world.json")

@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechun.edit import Component, ParameterMask, _freeze_all_but, _trainable, component_mask, full_mask
 from mechun.errors import MechunError
@@ -34,6 +33,7 @@ from mechun.models import (
     model_fingerprint,
     tokenize,
 )
+from mechun.progress import progress_bar
 from mechun.unlearn.losses import (
     ga_loss,
     graddiff_loss,
@@ -193,7 +193,7 @@ def gradient_unlearn(model: Model, config: GradientConfig, forget: Sequence[str]
     result = GradientResult(config, mask)
     use_retain = config.uses_retain and config.alpha > 0
     try:
-        for _ in tqdm(range(config.steps), desc=config.method, disable=not progress, mininterval=1.0):
+        for _ in progress_bar(range(config.steps), desc=config.method, disable=not progress, mininterval=1.0):
             f_texts = rng.sample(list(forget), min(config.batch_size, len(forget)))
             f = sequence_logprobs(model, f_texts)
             r = sequence_logprobs(model, rng.sample(list(retain), min(config.batch_size, len(retain)))) \

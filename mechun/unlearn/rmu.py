@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechun.errors import DamagedFileError, MechunError
 from mechun.hooks import StopForward, bare_layer_hooks
@@ -41,6 +40,7 @@ from mechun.models import (
     save_model,
     tokenize,
 )
+from mechun.progress import progress_bar
 
 
 @dataclass
@@ -242,7 +242,7 @@ def rmu_unlearn(
     result = RMUResult(cfg, steer)
     model.train(False)
     try:
-        for step in tqdm(range(cfg.steps), desc=f"RMU (layer {layer}, c={cfg.steering_coeff:g})", disable=not progress,
+        for step in progress_bar(range(cfg.steps), desc=f"RMU (layer {layer}, c={cfg.steering_coeff:g})", disable=not progress,
                          mininterval=1.0):
             dom = cfg.forget_domains[step % len(cfg.forget_domains)]
             f_ids, f_mask = tokenize(model, rng.sample(list(forget_texts[dom]), min(cfg.batch_size,
