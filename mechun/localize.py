@@ -93,6 +93,22 @@ class PatchingResult:
         layer, pos = divmod(flat, self.scores.shape[1])
         return self.layers[layer], pos, float(self.scores.flatten()[flat])
 
+    def _repr_html_(self) -> str:
+        from mechun.display import frame, svg_heatmap, table
+
+        layer, pos, value = self.peak()
+        normalized = self.clean_metric != self.corrupt_metric
+        shown = self.normalized() if normalized else self.scores
+        row = {"hook": self.hook, "clean": self.clean_metric, "corrupt": self.corrupt_metric, "peak layer": layer,
+               "peak token": f"{pos}: {self.tokens[pos]!r}", "peak score": value}
+        if self.sigma is not None:
+            row["noise sigma"] = self.sigma
+        heat = svg_heatmap(shown.tolist(), [str(x) for x in self.layers],
+                           [f"{i} {t}" for i, t in enumerate(self.tokens)])
+        what = "normalized (0 = corrupt, 1 = clean)" if normalized else "scores"
+        return frame(f"PatchingResult: {what}, layer x token", heat, table([row]),
+                     hint="mechun.plots.patching_heatmap(result, title) for the interactive figure")
+
     def to_json(self) -> dict:
         out = {"hook": self.hook, "tokens": self.tokens, "layers": self.layers, "scores": self.scores.tolist(),
                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
@@ -214,9 +230,18 @@ def attribution_patching(
         raise MechunError("clean and corrupt prompts must have the same number of tokens")
     for h in hooks_:
         _check_hook(h)
-    L = n_layers(model)
-    clean_acts = {h: cache_residuals(model, ids_c, positions="all", hook=h, progress=False,
-                                     store_device=model_device(model)).acts[:, 0] for h in hooks_}
+    L, dev = n_layers(model), model_device(model)
+    clean: dict[tuple[str, int], Tensor] = {}
+
+    def keep_clean(h: str, layer: int):
+        def fn(act: Tensor) -> None:
+            clean[(h, layer)] = act.detach()[0]
+        return fn
+
+    # one clean forward gives every hook kind's activations and the clean metric
+    with torch.inference_mode(), hooks(model, [(hook_name(model, h, layer), keep_clean(h, layer))
+                                               for h in hooks_ for layer in range(L)]):
+        clean_value = float(metric(model(ids_c.to(dev)))[0])
     saved: dict[tuple[str, int], Tensor] = {}
 
     def keep(h: str, layer: int):
@@ -226,15 +251,14 @@ def attribution_patching(
 
     fwd = [(hook_name(model, h, layer), keep(h, layer)) for h in hooks_ for layer in range(L)]
     with torch.enable_grad(), hooks(model, fwd):
-        out = metric(model(ids_x.to(model_device(model)))).sum()
+        out = metric(model(ids_x.to(dev))).sum()
         keys = list(saved)
-        grads = torch.autograd.grad(out, [saved[k] for k in keys])
+        grads = torch.autograd.grad(out, [saved[k] for k in keys])  # activation gradients only, no weight grads
     corrupt_value = float(out.detach())
-    clean_value = float(_run_metric(model, ids_c, metric)[0])
     result = {}
     for h in hooks_:
         scores = torch.stack([
-            ((clean_acts[h][layer] - saved[(h, layer)][0].detach()) * grads[keys.index((h, layer))][0]).sum(-1)
+            ((clean[(h, layer)] - saved[(h, layer)][0].detach()) * grads[keys.index((h, layer))][0]).sum(-1)
             for layer in range(L)]).float().cpu()
         result[h] = PatchingResult(scores, h, model.tokenizer.convert_ids_to_tokens(ids_c[0]),
                                    clean_value, corrupt_value, list(range(L)))

@@ -79,6 +79,10 @@ def test_patching_endpoints(tiny_model, pair):
     post = activation_patching(tiny_model, clean, corrupt, logit_diff_metric(tiny_model, ans, wrong), hook="resid_post")
     assert post.scores[-1, -1] == pytest.approx(res.clean_metric, abs=1e-4)
     assert post.peak()[:2] == (tiny_model.cfg.n_layers - 1, len(ids_c) - 1)
+    # rich display: a heatmap with one cell per (layer, position) and the headline numbers
+    page = post._repr_html_()
+    assert page.count("<rect") == post.scores.numel() and f"{post.clean_metric:.3f}" in page
+    assert f"{post.corrupt_metric:.3f}" in page and f"{post.peak()[2]:.3f}" in page
 
 
 def test_attribution_patching_first_order(tiny_model, pair):
@@ -89,6 +93,12 @@ def test_attribution_patching_first_order(tiny_model, pair):
     exact = activation_patching(tiny_model, clean, corrupt, metric, hook="resid_pre")
     est, true = attr["resid_pre"].scores.flatten(), (exact.scores - exact.corrupt_metric).flatten()
     assert torch.corrcoef(torch.stack([est, true]))[0, 1] > 0.5  # a first-order estimate, not exact
+    for h in ("resid_pre", "attn_out", "mlp_out"):  # one clean forward measured every kind and the clean metric
+        assert attr[h].clean_metric == pytest.approx(exact.clean_metric, abs=1e-4)
+        assert attr[h].corrupt_metric == pytest.approx(exact.corrupt_metric, abs=1e-4)
+    # resid_pre at layer 0 is the embedding: clean - corrupt is zero wherever the tokens agree
+    ids_c, ids_x = (mechun.tokenize(tiny_model, [t])[0][0] for t in (clean, corrupt))
+    assert (attr["resid_pre"].scores[0, ids_c == ids_x] == 0).all()
     assert weights_hash(tiny_model) == w
     assert all(p.grad is None for p in tiny_model.parameters())
 
