@@ -24,7 +24,7 @@ from typing import Any
 from mechun.depth.checkpoint import state_measures
 from mechun.depth.measure import relearn_split
 from mechun.edit import relearn
-from mechun.evaluate import answer_scores, cloze_accuracy
+from mechun.evaluate import answer_scores, cloze_accuracy, mcq_permutation_scores
 from mechun.models import Model, model_fingerprint
 from mechun.organism.world import World, retain_domains
 from mechun.representation import probe_recoverability
@@ -34,6 +34,7 @@ MEASURES: dict[str, str] = {
     "forget_accuracy": "trained-template cloze accuracy on the forget facts (behaviour)",
     "paraphrase_accuracy": "held-out-template cloze accuracy on the forget facts (behaviour)",
     "answer_logprob": "mean log-probability of the true answers (behaviour, graded)",
+    "mcq_all_orders": "MCQ accuracy over all 24 option orders on the forget facts never seen in MCQ form",
     "uds": "1 - UDS (patching the unlearned model's states into the full model; UDS paper)",
     "probe": "held-out-subject linear probe accuracy, best layer",
     "cka": "linear CKA of forget-prompt residuals with the base model, mean over layers",
@@ -72,6 +73,7 @@ def checkpoint_measures(base: Model, unlearned: Model, oracle: Model, world: Wor
     correct, logp = answer_scores(unlearned, texts, [p.answer for p in prompts])  # one forward for both
     out["forget_accuracy"], out["answer_logprob"] = float(correct.float().mean()), float(logp.mean())
     out["paraphrase_accuracy"] = cloze_accuracy(unlearned, world.prompts(forget, "paraphrase"))
+    out["mcq_all_orders"] = mcq_permutation_scores(unlearned, world.mcq(forget, seed=1)).accuracy
     probe_ps = prompts + world.prompts(forget, "paraphrase")
     pr = probe_recoverability(unlearned, [p.text for p in probe_ps], [p.fact.subject for p in probe_ps],
                               [p.answer for p in probe_ps], seed=seed, steps=probe_steps)

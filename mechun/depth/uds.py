@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mechun.errors import MechunError, ModelMismatchError
 from mechun.hooks import hooks
-from mechun.models import Model, model_device, n_layers, tokenize
+from mechun.models import Model, model_device, model_fingerprint, n_layers, tokenize
 
 TAU = 0.05
 
@@ -94,6 +94,22 @@ def _deltas(full: Model, source: Model, ids, mask, answer, base: Tensor) -> Tens
     return torch.stack(cols, 1).cpu()
 
 
+#: S1 (retain into full) depends only on the full and retain weights and the examples, not on the unlearned model: a
+#: benchmark that scores many checkpoints against one (full, retain) pair computes it once. Keyed by both models'
+#: weight fingerprints, so a changed weight is a new entry; a few entries at most.
+_S1_CACHE: dict[tuple, Tensor] = {}
+_S1_CACHE_SIZE = 8
+
+
+def _s1(full: Model, retain: Model, prompts: list[str], answers: list[str], ids, mask, answer, base: Tensor) -> Tensor:
+    key = (model_fingerprint(full), model_fingerprint(retain), tuple(prompts), tuple(answers))
+    if key not in _S1_CACHE:
+        if len(_S1_CACHE) >= _S1_CACHE_SIZE:
+            _S1_CACHE.pop(next(iter(_S1_CACHE)))
+        _S1_CACHE[key] = _deltas(full, retain, ids, mask, answer, base)
+    return _S1_CACHE[key]
+
+
 def _check_triple(full: Model, retain: Model, unlearned: Model) -> None:
     for name, m in (("retain", retain), ("unlearned", unlearned)):
         if n_layers(m) != n_layers(full) or m.cfg.d_model != full.cfg.d_model:
@@ -124,7 +140,7 @@ def unlearning_depth_score(full: Model, retain: Model, unlearned: Model, prompts
         pos = torch.arange(ids.shape[1])
         answer = (pos >= n_prompt[:, None] - 1) & (pos < n_full[:, None] - 1)  # positions predicting answer tokens
         base = _answer_logprob(full, ids, mask, answer)
-        s1.append(_deltas(full, retain, ids, mask, answer, base))
+        s1.append(_s1(full, retain, ps, ans, ids, mask, answer, base))
         s2.append(_deltas(full, unlearned, ids, mask, answer, base))
     d1, d2 = torch.cat(s1), torch.cat(s2)
     kg = d1 > tau
