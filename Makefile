@@ -3,26 +3,44 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechun-installed
+LAB_STAMP := $(VENV)/.mechun-notebook-installed
+COMMA := ,
 OUT ?= runs/reproduce
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test reproduce lint bench clean
+.PHONY: setup test reproduce lab notebooks lint bench clean
 
 setup: $(STAMP)
 
 # A CPU build of torch where there is no GPU (pip takes it from local disk here); the CUDA build otherwise.
-$(STAMP): pyproject.toml
+# uv installs (about 1 min cold, against 2.5-3 min for pip); it is told pip's find-links so that it sees the same
+# local CPU wheel, and compiles bytecode as pip does (where PYTHONDONTWRITEBYTECODE is set, every notebook kernel and
+# subprocess would otherwise recompile torch and transformers). Without uv (no registry has it), pip does the job.
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "pip>=23"  # no-op (and no index query) when the venv already has it
+	$(PY) -m pip install -q "pip>=23" uv || $(PY) -m pip install -q "pip>=23"
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PY) -m pip install -q "torch>=2.6"; \
+		torch="torch>=2.6"; else torch="torch==2.13.0"; fi; \
+	links="$$($(PY) -m pip config get global.find-links 2>/dev/null || true)"; \
+	links="$${PIP_FIND_LINKS:-$$links}"; \
+	if test -x $(VENV)/bin/uv; then \
+		UV_FIND_LINKS="$${UV_FIND_LINKS:-$$links}" $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) \
+			"$$torch" -e ".[$(1)]"; \
 	else \
-		$(PY) -m pip install -q "torch==2.13.0"; \
+		$(PY) -m pip install -q "$$torch" && $(PY) -m pip install -q -e ".[$(1)]"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,dev)
 	touch $(STAMP)
+
+# The notebook extra (JupyterLab, ipywidgets) on top of the dev set-up.
+$(LAB_STAMP): $(STAMP)
+	$(call install,dev$(COMMA)notebook)
+	touch $(LAB_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -32,6 +50,15 @@ test: $(STAMP)
 # second run replace the first one's output (only files mechun wrote there; it reuses the trained organism).
 reproduce: $(STAMP)
 	$(VENV)/bin/mechun reproduce rmu-shallow --no-sweep --out $(OUT) --overwrite
+
+# Open the notebooks in JupyterLab (installs the notebook extra on first use). LAB_ARGS passes options, e.g.
+# make lab LAB_ARGS="--no-browser --port 8890"
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+# Execute every notebook on the main organism and save it with its outputs (the committed notebooks come from this).
+notebooks: $(LAB_STAMP)
+	$(PY) notebooks/execute.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mechun tests analyses benchmarks

@@ -1,25 +1,35 @@
-"""Every notebook runs top to bottom (on the session's tiny organism, so it stays quick)."""
+"""Every notebook runs top to bottom (on the session's tiny organism, so it stays quick) without a warning or a
+dependency's progress bar in its outputs; the committed notebooks carry their outputs (``make notebooks``, on the
+main organism) and those are clean too."""
 
-import os
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "notebooks"))
+from execute import noise, notebooks  # noqa: E402
+
+NOTEBOOKS = notebooks()
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS
+    assert len(NOTEBOOKS) >= 5
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tiny_organism_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MECHUN_ORGANISM", str(tiny_organism_dir))
-    monkeypatch.setenv("MECHUN_NOTEBOOK_OUT", str(tmp_path))
+def test_committed_notebook_has_clean_outputs(path):
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
-    assert os.environ["MECHUN_ORGANISM"]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "run `make notebooks` to save the notebook with its outputs"
+    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2
+    assert not noise(nb)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_cleanly(path, tiny_organism_dir, tmp_path):
+    from execute import execute
+
+    nb = execute(path, tiny_organism_dir, tmp_path)
+    assert not noise(nb)
