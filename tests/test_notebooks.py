@@ -33,3 +33,37 @@ def test_notebook_executes_cleanly(path, tiny_organism_dir, tmp_path):
 
     nb = execute(path, tiny_organism_dir, tmp_path)
     assert not noise(nb)
+
+
+def test_progress_bars_are_text_outside_jupyter_and_widgets_inside(monkeypatch):
+    import io
+
+    from tqdm.notebook import tqdm as widget_bar
+    from tqdm.std import tqdm as text_bar
+
+    import mechun.progress as progress
+
+    assert not progress.in_notebook()
+    bar = progress.progress_bar(total=2, file=io.StringIO())
+    assert type(bar) is text_bar
+    bar.close()
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)  # as inside a Jupyter kernel with ipywidgets
+    monkeypatch.setattr(progress, "_widgets_available", lambda: True)
+    bar = progress.progress_bar(total=2, disable=False)
+    assert isinstance(bar, widget_bar)
+    bar.close()
+
+
+def test_quiet_dependencies_restores_the_users_settings():
+    from transformers.utils import logging as tlog
+
+    from mechun.progress import quiet_dependencies
+
+    tlog.set_verbosity_info()
+    tlog.enable_progress_bar()
+    try:
+        with quiet_dependencies():
+            assert tlog.get_verbosity() == tlog.ERROR and not tlog.is_progress_bar_enabled()
+        assert tlog.get_verbosity() == tlog.INFO and tlog.is_progress_bar_enabled()
+    finally:
+        tlog.set_verbosity_warning()
