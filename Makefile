@@ -52,9 +52,9 @@ reproduce: $(STAMP)
 	$(VENV)/bin/mechun reproduce rmu-shallow --no-sweep --out $(OUT) --overwrite
 
 # Open the notebooks in JupyterLab (installs the notebook extra on first use). LAB_ARGS passes options, e.g.
-# make lab LAB_ARGS="--no-browser --port 8890"
+# make lab LAB_ARGS="--no-browser --port 8890". As root (containers), JupyterLab needs --allow-root: given then.
 lab: $(LAB_STAMP)
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $$(test "$$(id -u)" = 0 && echo --allow-root) $(LAB_ARGS)
 
 # Execute every notebook on the main organism and save it with its outputs (the committed notebooks come from this).
 notebooks: $(LAB_STAMP)
