@@ -789,7 +789,7 @@ def _add_depth_measures(sub: Subparsers) -> None:
     p.add_argument("--retain-qa", required=True, help="retain questions, TOFU format (e.g. retain_perturbed.json)")
     p.add_argument("--template", default="plain",
                    help="prompt template: one of " + ", ".join(f"{k} ({v!r})" for k, v in QA_TEMPLATES.items())
-                   + ", or a string with {question} (default: %(default)s)")
+                   + ", or a string with {question}; \\n in it is a newline (default: %(default)s)")
     p.add_argument("--max-questions", type=_positive_int, default=200,
                    help="use the first N questions of each file (default: %(default)s)")
     p.add_argument("--uds-questions", type=_positive_int, default=100,
@@ -806,7 +806,7 @@ def _cmd_depth_measures(args: argparse.Namespace) -> int:
     from mechun.depth.checkpoint import qa_checkpoint_card, write_checkpoint_card
     from mechun.models import load_model, resolve_source
 
-    template = qa_template(args.template)  # every input is checked before the first model loads
+    template = qa_template(args.template.replace("\\n", "\n"))  # a typed \n is a newline; checked before loading
     forget, retain = load_qa(args.forget_qa), load_qa(args.retain_qa)
     for option in ("full", "retain", "unlearned"):
         resolve_source(getattr(args, option))  # a local dir is validated; a hub name passes (for online users)
@@ -814,9 +814,9 @@ def _cmd_depth_measures(args: argparse.Namespace) -> int:
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr))
     card = qa_checkpoint_card(models["full"], models["retain"], models["unlearned"], forget, retain, template,
                               args.max_questions, args.uds_questions, args.batch_size, log=log)
-    card.models = {k: str(getattr(args, k)) for k in ("full", "retain", "unlearned")}
+    card.models = {k: resolve_source(getattr(args, k)) for k in ("full", "retain", "unlearned")}
     write_checkpoint_card(card, Path(args.out), overwrite=args.overwrite)
-    print(json.dumps({"out": str(args.out), "uds": card.uds["score"], "measures": card.measures}))
+    print(json.dumps({"out": str(args.out), "uds_score": card.uds["score"], "measures": card.measures}))
     return 0
 
 

@@ -46,6 +46,11 @@ def frame(title: str, *parts: str, hint: str = "") -> str:
     return f"<div style='{_STYLE}'><b>{html.escape(title)}</b>{''.join(parts)}{foot}</div>"
 
 
+def _tick(v: float) -> str:
+    """A short axis number; values within 1e-6 of 0 print as 0."""
+    return "0" if abs(v) < 1e-6 else f"{v:.3g}"
+
+
 def _finite(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
@@ -71,8 +76,8 @@ def svg_lines(series: Mapping[str, Sequence[float]], x_label: str = "layer", y_l
         return top + (hi - v) / (hi - lo) * h
 
     parts = [f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#ccc'/>",
-             f"<text x='{left - 4}' y='{top + 9}' text-anchor='end'>{hi:.3g}</text>",
-             f"<text x='{left - 4}' y='{top + h}' text-anchor='end'>{lo:.3g}</text>",
+             f"<text x='{left - 4}' y='{top + 9}' text-anchor='end'>{_tick(hi)}</text>",
+             f"<text x='{left - 4}' y='{top + h}' text-anchor='end'>{_tick(lo)}</text>",
              f"<text x='{left}' y='{height - 16}'>0</text>",
              f"<text x='{left + w}' y='{height - 16}' text-anchor='end'>{n - 1}</text>",
              f"<text x='{left + w / 2}' y='{height - 16}' text-anchor='middle'>{html.escape(x_label)}</text>"]
@@ -122,8 +127,8 @@ def svg_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], co
     for j, label in enumerate(col_labels):
         cx = left + j * cell + cell / 2
         parts.append(f"<text x='{cx:.1f}' y='{bottom + 4}' transform='rotate(45 {cx:.1f} {bottom + 4})' "
-                     f"font-size='9'>{html.escape(str(label)[:12])}</text>")
+                     f"font-size='9'>{html.escape(str(label)[:18])}</text>")
     width, height = left + n_cols * cell + 40, bottom + 60
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
             f"style='font-size:10px;display:block'>{''.join(parts)}</svg>"
-            f"<div style='color:#555'>colour: {lo:.3g} (white) to {hi:.3g} (blue)</div>")
+            f"<div style='color:#555'>colour: {_tick(lo)} (white) to {_tick(hi)} (blue)</div>")

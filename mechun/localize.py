@@ -99,8 +99,8 @@ class PatchingResult:
         layer, pos, value = self.peak()
         normalized = self.clean_metric != self.corrupt_metric
         shown = self.normalized() if normalized else self.scores
-        row = {"hook": self.hook, "clean": self.clean_metric, "corrupt": self.corrupt_metric, "peak layer": layer,
-               "peak token": f"{pos}: {self.tokens[pos]!r}", "peak score": value}
+        row = {"hook": self.hook, "clean metric": self.clean_metric, "corrupt metric": self.corrupt_metric,
+               "peak layer": layer, "peak token": f"{pos}: {self.tokens[pos]!r}", "metric at peak": value}
         if self.sigma is not None:
             row["noise sigma"] = self.sigma
         heat = svg_heatmap(shown.tolist(), [str(x) for x in self.layers],

@@ -433,8 +433,8 @@ def tokenize(model: Model, prompts: list[str]) -> tuple[Int[Tensor, "batch pos"]
         row = int((ids == tok.unk_token_id).any(1).nonzero()[0, 0])
         bad = [w for w in prompts[row].split() if unknown(tok, w)]
         raise VocabularyError(f"prompt {row} ({prompts[row][:60]!r}) has words the model's vocabulary lacks "
-                              f"({', '.join(map(repr, bad[:3])) or 'some'}){suggest(tok, bad[0] if bad else '')}; "
-                              "they would be read as the unknown token")
+                              f"({', '.join(map(repr, bad[:3])) or 'some'}); they would be read as the unknown "
+                              f"token{suggest(tok, bad[0] if bad else '')}")
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if isinstance(n_ctx, int) and ids.shape[1] > n_ctx:
         row = int(mask.sum(1).argmax())

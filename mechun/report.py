@@ -33,7 +33,7 @@ def table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
 
 
 def write_report(path: str | Path, title: str, blocks: Sequence[str | go.Figure | tuple[str, str]],
-                 results: Mapping[str, Any] | None = None) -> Path:
+                 results: Mapping[str, Any] | None = None, results_name: str = "results.json") -> Path:
     """Write ``blocks`` (HTML strings, figures, or ("h2", text) headings) as one page; plotly.js is embedded."""
     parts, js_done = [], False
     for block in blocks:
@@ -46,7 +46,7 @@ def write_report(path: str | Path, title: str, blocks: Sequence[str | go.Figure 
         else:
             parts.append(block)
     if results is not None:
-        parts.append("<h2>results.json</h2><pre>" + html.escape(json.dumps(results, indent=1)[:20000]) + "</pre>")
+        parts.append(f"<h2>{html.escape(results_name)}</h2><pre>" + html.escape(json.dumps(results, indent=1)[:20000]) + "</pre>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
     return write_text(path, page)

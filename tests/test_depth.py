@@ -277,7 +277,7 @@ def test_verdict_refuses_to_judge_when_nothing_was_forgotten():
     v = verdict(card)
     assert any("single direction hides it" in h for h in v.hidden)
     assert "behaviour in train" in v.removed[0]
-    assert v.thresholds == {"removed": 0.8, "hidden": 0.5, "min_forgotten": 0.3}
+    assert v.thresholds == {"removed": 0.8, "hidden": 0.5, "min_forgotten": 0.3, "min_above_chance": 0.05}
 
 
 def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, tiny_world, tmp_path):
@@ -306,3 +306,16 @@ def test_depth_cli_benchmark_mode_on_loaded_files(rmu_dir, tiny_organism_dir, ti
     assert (tmp_path / "card" / "report.html").is_file()
     half = run_cli(*args[:-2], "--out", str(tmp_path / "half"), check=False)  # no --retain-prompts
     assert half.returncode == 2 and "needs all of" in half.stderr and not (tmp_path / "half").exists()
+
+
+def test_a_base_barely_above_chance_is_not_testable():
+    from mechun.depth.measure import _drop_share
+    from mechun.depth.verdict import MIN_ABOVE_CHANCE
+
+    assert math.isnan(_drop_share(0.26, 0.26, 0.25))  # 4-way MCQ: a base at 0.26 knows nothing to lose
+    assert _drop_share(0.25 + MIN_ABOVE_CHANCE, 0.25, 0.25) == pytest.approx(1.0)
+    forget = {"train": {"base": 1.0, "unlearned": 0.0, "chance": 0.125, "removed_share": 1.14},
+              "paraphrase": {"base": 1.0, "unlearned": 0.0, "chance": 0.125, "removed_share": 1.14},
+              "mcq": {"base": 0.26, "unlearned": 0.26, "chance": 0.25, "removed_share": _drop_share(0.26, 0.26, 0.25)}}
+    line = verdict(_minimal_card(forget, recovery=0.1, retained_share=0.1)).line
+    assert "Not testable in mcq" in line and "Still answered" not in line

@@ -1,6 +1,7 @@
 """The depth benchmark's per-checkpoint measures on loaded checkpoints with TOFU-format question files."""
 
 import json
+import math
 
 import pytest
 from conftest import run_cli, weights_hash
@@ -88,7 +89,10 @@ def test_measures_sit_at_their_ends_for_the_oracle_and_the_full_model(tiny_organ
     assert as_oracle.measures["cka"] < 1 and as_oracle.uds["n_scored"] > 0
     assert (weights_hash(tiny_model), weights_hash(oracle)) == hashes
     assert count_hooks(tiny_model) == 0 and count_hooks(oracle) == 0
-    assert CheckpointCard.from_json(json.loads(json.dumps(as_full.to_json()))).measures == as_full.measures
+    loaded = CheckpointCard.from_json(json.loads(json.dumps(as_full.to_json())))
+    assert json.dumps(loaded.measures) == json.dumps(as_full.measures)
+    # junk recovery is a share of the lost log-prob: undefined when nothing was lost, small for the oracle
+    assert math.isnan(as_full.measures["junk_recovery"]) and as_oracle.measures["junk_recovery"] < 0.5
     page = as_oracle._repr_html_()
     assert "<svg" in page and f"{as_oracle.uds['score']:.3f}" in page
     assert f"{as_oracle.measures['cka']:.3f}" in page
@@ -102,7 +106,8 @@ def test_cli_depth_measures_writes_measures_and_report(tiny_organism_dir, tiny_o
                    "--no-progress")
     data = json.loads((out / "measures.json").read_text())
     assert data["n_forget"] == 8 and data["measures"]["uds"] == pytest.approx(0.0)
-    assert json.loads(proc.stdout)["uds"] == pytest.approx(1.0)
+    assert json.loads(proc.stdout)["uds_score"] == pytest.approx(1.0)
+    assert "<h2>measures.json</h2>" in (out / "report.html").read_text()
     assert "Depth measures" in (out / "report.html").read_text() and "plotly" in (out / "report.html").read_text()
 
 

@@ -24,7 +24,7 @@ import torch
 
 from mechun.data import QA, qa_prompts, qa_template
 from mechun.depth.uds import UDSResult, unlearning_depth_score
-from mechun.errors import MechunError
+from mechun.errors import MechunError, VocabularyError
 from mechun.evaluate import answer_token_scores
 from mechun.io import atomic_dir
 from mechun.junk import JunkDiagnosis, diagnose_junk, junk_recovery, pair_caches
@@ -40,7 +40,8 @@ QA_MEASURES: dict[str, str] = {
                          "retain oracle",
     "uds": "1 - UDS (patching the unlearned model's states into the full model; UDS paper)",
     "cka": "linear CKA of forget-prompt residuals with the full model, mean over layers",
-    "junk_recovery": "forget log-prob regained by projecting out the mean unlearned-minus-full direction",
+    "junk_recovery": "share of the forget log-prob gap to the full model regained by projecting out the mean "
+                     "unlearned-minus-full direction (NaN when less than 0.05 nats per token was lost)",
     "logit_lens": "best-layer logit-lens accuracy of the first answer token (the model's own unembedding)",
     "norm_ratio": "-(peak forget-prompt residual norm ratio, unlearned / full)",
 }
@@ -128,7 +129,8 @@ class CheckpointCard:
         return frame(f"Depth measures: {self.models.get('unlearned', 'unlearned model')}",
                      table([{"measure": k, "value": v} for k, v in self.measures.items()]),
                      table([{"model": k} | v for k, v in self.behaviour.items()]),
-                     f"<div>UDS {u['score']:.3f} ({u['n_scored']} of {u['n_examples']} questions scored); answer "
+                     f"<div>UDS score {u['score']:.3f} (the table's uds is 1 - UDS; {u['n_scored']} of "
+                     f"{u['n_examples']} questions scored); answer "
                      "log-prob drop when a layer is patched into the full model:</div>",
                      svg_lines({"retain (S1)": u["mean_delta_retain_by_layer"],
                                 "unlearned (S2)": u["mean_delta_unlearned_by_layer"]}, y_label="drop"),
@@ -171,7 +173,11 @@ def qa_checkpoint_card(full: Model, retain: Model, unlearned: Model, forget_qa: 
     fq, rq = list(forget_qa)[:max_questions], list(retain_qa)[:max_questions]
     forget, retain_pairs = qa_prompts(fq, template), qa_prompts(rq, template)
     say("depth measures: behaviour of the three models")
-    behaviour = {k: _behaviour(m, forget, retain_pairs, batch_size) for k, m in models.items()}
+    try:
+        behaviour = {k: _behaviour(m, forget, retain_pairs, batch_size) for k, m in models.items()}
+    except VocabularyError as e:
+        raise VocabularyError(f"{e}. The question template is {template!r}: pass one whose words the model knows "
+                              "(--template raw uses the question alone)") from e
     u, f, r = (behaviour[k]["forget_logprob"] for k in ("unlearned", "full", "retain"))
     measures = {"forget_logprob": u, "forget_token_accuracy": behaviour["unlearned"]["forget_token_accuracy"]}
     para = qa_prompts(fq, template, paraphrased=True)
@@ -184,7 +190,9 @@ def qa_checkpoint_card(full: Model, retain: Model, unlearned: Model, forget_qa: 
         full, retain, unlearned, forget[0], retain_pairs[0], (forget[0][:n_uds], forget[1][:n_uds]),
         (forget[0], first_answer_tokens(unlearned, *forget)),
         lambda m: float(answer_token_scores(m, *forget, batch_size=batch_size)[0].mean()), u)
+    regained = state.pop("junk_recovery")
     measures |= state
+    measures["junk_recovery"] = regained / (f - u) if f - u >= 0.05 else math.nan  # a share, as on the depth card
     if {k: model_fingerprint(m) for k, m in models.items()} != fingerprints:
         raise AssertionError("a measure changed a model's weights")
     d1, d2 = torch.tensor(uds.delta_s1), torch.tensor(uds.delta_s2)
@@ -207,8 +215,8 @@ def checkpoint_card_blocks(card: CheckpointCard) -> list:
     u = card.uds
     return [("h3", "Depth measures (higher = more knowledge left)"), table(card.rows()),
             ("h3", "Behaviour of the three models (mean per answer token)"), table(beh),
-            f"<p>UDS {u['score']:.3f} over {u['n_scored']} of {u['n_examples']} forget questions with a knowledge-gap "
-            f"layer (tau {u['tau']}).</p>",
+            f"<p>UDS score {u['score']:.3f} (the table's <i>uds</i> is 1 - UDS, so that higher = more left) over "
+            f"{u['n_scored']} of {u['n_examples']} forget questions with a knowledge-gap layer (tau {u['tau']}).</p>",
             layer_lines({"retain into full (S1)": u["mean_delta_retain_by_layer"],
                          "unlearned into full (S2)": u["mean_delta_unlearned_by_layer"]},
                         "Answer log-prob drop when a layer's states are patched into the full model",
@@ -224,5 +232,5 @@ def write_checkpoint_card(card: CheckpointCard, out_dir: str | Path, overwrite: 
         data = card.to_json()
         (tmp / "measures.json").write_text(json.dumps(data, indent=1))
         write_report(tmp / "report.html", f"Depth measures: {card.models.get('unlearned', 'unlearned model')}",
-                     checkpoint_card_blocks(card), results=data)
+                     checkpoint_card_blocks(card), results=data, results_name="measures.json")
     return Path(out_dir)

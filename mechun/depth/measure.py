@@ -31,7 +31,7 @@ from mechun.depth.card import (
     Skipped,
     Specificity,
 )
-from mechun.depth.verdict import verdict
+from mechun.depth.verdict import MIN_ABOVE_CHANCE, verdict
 from mechun.edit import relearn
 from mechun.errors import MechunError
 from mechun.evaluate import (
@@ -80,9 +80,10 @@ class DepthConfig:
 
 
 def _drop_share(base: float, unlearned: float, chance: float) -> float:
-    """Share of the base model's above-chance accuracy that unlearning removed (1 = down to chance)."""
+    """Share of the base model's above-chance accuracy that unlearning removed (1 = down to chance); NaN (not
+    testable) when the base beats chance by less than :data:`~mechun.depth.verdict.MIN_ABOVE_CHANCE`."""
     above = base - chance
-    return float("nan") if above <= 1e-9 else (base - unlearned) / above
+    return float("nan") if above < MIN_ABOVE_CHANCE - 1e-9 else (base - unlearned) / above
 
 
 def _mcq_all_orders(base: Model, unlearned: Model, questions: Sequence[MCQ], intervention: Intervention | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,8 @@ def card_html(card: DepthCard | SeedMeanCard) -> str:
         rows = [{"measure": k, "mean": s.get("mean"), "std": s.get("std"), "seeds": len(card.per_seed)}
                 for k, s in card.summary.items()]
     else:
-        rows = [{"measure": k, "value": v} for k, v in summary_row(card).items()]
+        rows = [{"measure": k, "value": "skipped" if isinstance(v, float) and math.isnan(v) else v}
+                for k, v in summary_row(card).items()]
     verdict = one.verdict.line if one.verdict else "(no verdict)"
     verdict_html = (f"<div style='background:#eef6ee;border-left:4px solid #4a4;padding:4px 8px;margin:4px 0'>"
                     f"{html.escape(verdict)}</div>")
