@@ -65,8 +65,12 @@ def execute(path: str | Path, organism: str | Path, workdir: str | Path, timeout
     try:
         # a local socket, not TCP: no "running over TCP without encryption" warning, nothing listening on a port
         km = KernelManager(kernel_name="python3", transport="ipc", connection_file=str(Path(workdir) / "kernel.json"))
-        NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": str(workdir)}}).execute()
+        try:
+            NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3", record_timing=False,
+                           resources={"metadata": {"path": str(workdir)}}).execute()
+        finally:  # nbclient leaves a kernel it was given running: end it here, not at interpreter exit
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
     finally:
         for k, v in old.items():
             if v is None:
