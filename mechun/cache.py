@@ -109,6 +109,13 @@ class ResidualCache:
                   "meta": self.meta}
         return save_tensors(path, tensors, "mechun", header)
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("ResidualCache", n=len(self), layers=self.layers, positions=self.positions,
+                          shape=tuple(self.acts.shape), dtype=str(self.acts.dtype).replace("torch.", ""),
+                          fingerprint=self.fingerprint[:12])
+
     def _repr_html_(self) -> str:
         from mechun.display import frame, svg_lines, table
 

@@ -804,9 +804,13 @@ def _add_depth_measures(sub: Subparsers) -> None:
 def _cmd_depth_measures(args: argparse.Namespace) -> int:
     from mechun.data import load_qa, qa_template
     from mechun.depth.checkpoint import qa_checkpoint_card, write_checkpoint_card
+    from mechun.errors import MechunError
     from mechun.models import load_model, resolve_source
 
     template = qa_template(args.template.replace("\\n", "\n"))  # a typed \n is a newline; checked before loading
+    if Path(args.forget_qa).resolve() == Path(args.retain_qa).resolve():
+        raise MechunError(f"--forget-qa and --retain-qa are the same file ({args.forget_qa}); the retain questions "
+                          "must be other facts (e.g. TOFU's retain90.json beside forget10.json)")
     forget, retain = load_qa(args.forget_qa), load_qa(args.retain_qa)
     for option in ("full", "retain", "unlearned"):
         resolve_source(getattr(args, option))  # a local dir is validated; a hub name passes (for online users)

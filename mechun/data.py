@@ -122,7 +122,12 @@ def _records(p: Path, expect: str, json_lines_ok: bool = False) -> list[tuple[st
             hint = " (it looks like JSON Lines: rename it to .jsonl)" if e.msg == "Extra data" else ""
             raise DataError(f"{p} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}; "
                             "expected a JSON array of records") from e
-        if json_lines_ok and isinstance(data, dict):  # a one-line JSON Lines file
+        if json_lines_ok and isinstance(data, dict):  # a one-line JSON Lines file, or records wrapped in an object
+            wrapped = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            if wrapped:
+                raise DataError(f"{p}: top level is a JSON object whose field '{wrapped[0]}' holds "
+                                f"{len(data[wrapped[0]])} records; save the records themselves, as a JSON array or "
+                                "JSON Lines")
             return _json_lines(p, text)
         if not isinstance(data, list):
             raise DataError(f"{p}: top level is a JSON {type(data).__name__}; expected a JSON array of records")

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["frame", "svg_heatmap", "svg_lines"]
+__all__ = ["frame", "short_repr", "svg_heatmap", "svg_lines"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 _STYLE = ("font-family:system-ui,sans-serif;font-size:12px;border:1px solid #ddd;border-radius:4px;padding:6px 10px;"
@@ -44,6 +44,20 @@ def frame(title: str, *parts: str, hint: str = "") -> str:
     """One bordered block: a bold title, the parts, and a grey hint line (e.g. which call plots it)."""
     foot = f"<div style='color:#777;margin-top:4px'>{html.escape(hint)}</div>" if hint else ""
     return f"<div style='{_STYLE}'><b>{html.escape(title)}</b>{''.join(parts)}{foot}</div>"
+
+
+def short_repr(name: str, **fields: Any) -> str:
+    """``Name(a=1, b=[0.12, 0.5])``: the one-line ``repr`` of a result object, floats rounded, no tensor dumps (what a
+    terminal and a notebook's plain-text fallback show)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list | tuple) and all(isinstance(x, float) for x in v):
+            return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k!r}: {fmt(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+    return f"{name}(" + ", ".join(f"{k}={fmt(v)}" for k, v in fields.items()) + ")"
 
 
 def _tick(v: float) -> str:

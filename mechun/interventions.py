@@ -50,6 +50,12 @@ class Direction:
     layer: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable (saved in the file's header)
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("Direction", shape=tuple(self.vector.shape), norm=float(self.vector.float().norm()),
+                          layer=self.layer, fingerprint=(self.fingerprint or "")[:12] or None, meta=self.meta)
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a safetensors file, whole or not at all; an existing file is replaced only with ``overwrite`` and
         only if it is a saved :class:`Direction`."""

@@ -88,6 +88,12 @@ class JunkDiagnosis:
         return Direction(self.directions[kind][layer], fingerprint=self.fingerprint, layer=layer,
                          meta={"kind": kind})
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("JunkDiagnosis", peak_layer=self.peak_layer(), norm_ratio_forget=self.norm_ratio_forget,
+                          norm_ratio_retain=self.norm_ratio_retain, n_forget_tokens=self.n_forget_tokens)
+
     def _repr_html_(self) -> str:
         from mechun.display import frame, svg_lines, table
 
@@ -207,6 +213,12 @@ class JunkRecovery:
     @property
     def recovery_by_format(self) -> dict[str, float]:
         return self.recovery("ablated")
+
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("JunkRecovery", forget=self.forget, layer=self.layer, recovery=self.recovery_by_format,
+                          conditions=list(self.scores))
 
     def _repr_html_(self) -> str:
         from mechun.display import frame, table

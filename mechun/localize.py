@@ -93,6 +93,12 @@ class PatchingResult:
         layer, pos = divmod(flat, self.scores.shape[1])
         return self.layers[layer], pos, float(self.scores.flatten()[flat])
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("PatchingResult", hook=self.hook, layers=len(self.layers), positions=len(self.tokens),
+                          clean_metric=self.clean_metric, corrupt_metric=self.corrupt_metric, peak=self.peak())
+
     def _repr_html_(self) -> str:
         from mechun.display import frame, svg_heatmap, table
 

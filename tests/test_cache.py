@@ -171,6 +171,7 @@ def test_cache_displays_its_summary(tiny_model, prompts):
     assert "ResidualCache" in page and "x".join(map(str, cache.acts.shape)) in page and "all" in page
     assert page.count("<circle") == len(cache.layers)  # the mean norm of every cached layer is drawn
     assert cache.fingerprint[:12] in page
+    assert "tensor(" not in repr(cache) and len(repr(cache)) < 300  # a terminal / plain-text fallback: no dump
 
 
 def test_deterministic(tiny_model, prompts):

@@ -127,6 +127,7 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     assert "plotly" in html and card["verdict"]["line"].split(".")[0] in html
     # rich display in a notebook: verdict, headline numbers, the norm profile; a seed-mean card shows mean and std
     loaded = DepthCard.from_json(card)
+    assert repr(loaded).startswith("DepthCard(") and "tensor(" not in repr(loaded)
     page = loaded._repr_html_()
     assert card["verdict"]["line"].split(".")[0] in page and "<svg" in page
     assert f"{card['junk']['recovery_by_format']['train']:.3f}" in page

@@ -55,6 +55,7 @@ def test_load_qa_reads_both_json_layouts_and_renders_templates(tofu_files):
     ('{"question": "Who?", "answer": "A"}\n{"question": "", "answer": "B"}\n', r"line 2: field 'question' is empty"),
     ('{"question": "Who?", "answer": "A", "perturbed_answer": [1]}\n', r"field 'perturbed_answer\[0\]' is int"),
     ("", "empty file"),
+    ('{"data": [{"question": "Who?", "answer": "A"}]}', "field 'data' holds 1 records"),
     ('{"question": "Who?", "answer": "A"}\n{broken\n', "line 2: invalid JSON"),
 ])
 def test_load_qa_names_the_record_and_field_of_a_bad_file(tmp_path, content, match):
@@ -93,6 +94,7 @@ def test_measures_sit_at_their_ends_for_the_oracle_and_the_full_model(tiny_organ
     assert json.dumps(loaded.measures) == json.dumps(as_full.measures)
     # junk recovery is a share of the lost log-prob: undefined when nothing was lost, small for the oracle
     assert math.isnan(as_full.measures["junk_recovery"]) and as_oracle.measures["junk_recovery"] < 0.5
+    assert "tensor(" not in repr(as_oracle) and f"{as_oracle.uds['score']:.4g}" in repr(as_oracle)
     page = as_oracle._repr_html_()
     assert "<svg" in page and f"{as_oracle.uds['score']:.3f}" in page
     assert f"{as_oracle.measures['cka']:.3f}" in page
@@ -121,6 +123,7 @@ def test_cli_depth_measures_checks_inputs_before_loading(tiny_organism_dir, tofu
         (("--forget-qa", tmp_path / "none.json", "--retain-qa", bad), "no file at"),
         (("--forget-qa", tofu_files / "forget.json", "--retain-qa", tofu_files / "retain.json", "--template",
           "Q: {q}"), "must contain '{question}'"),
+        (("--forget-qa", tofu_files / "forget.json", "--retain-qa", tofu_files / "forget.json"), "the same file"),
     ]
     for extra, message in cases:
         proc = run_cli(*base, *extra, check=False)

@@ -80,6 +80,7 @@ def test_patching_endpoints(tiny_model, pair):
     assert post.scores[-1, -1] == pytest.approx(res.clean_metric, abs=1e-4)
     assert post.peak()[:2] == (tiny_model.cfg.n_layers - 1, len(ids_c) - 1)
     # rich display: a heatmap with one cell per (layer, position) and the headline numbers
+    assert "tensor(" not in repr(post) and "resid_post" in repr(post)
     page = post._repr_html_()
     assert page.count("<rect") == post.scores.numel() and f"{post.clean_metric:.3f}" in page
     assert f"{post.corrupt_metric:.3f}" in page and f"{post.peak()[2]:.3f}" in page

@@ -88,6 +88,9 @@ def test_rmu_forgets_and_leaves_the_junk_signature(rmu_run, tiny_world):
     page = diag._repr_html_()
     assert "<svg" in page and "<polyline" in page and f"{diag.norm_ratio_forget[1]:.3f}" in page
     assert f"{diag.cos_with_steering['mean_diff'][1]:.3f}" in page
+    for obj in (diag, rec, rec.direction):
+        assert "tensor(" not in repr(obj) and len(repr(obj)) < 400
+    assert "peak_layer=1" in repr(diag)
     page = rec._repr_html_()
     assert f"{rec.recovery_by_format['train']:.3f}" in page and f"{rec.control_recovery['train']:.3f}" in page
 

@@ -178,6 +178,12 @@ class DepthCard(_JSON):
     seconds: Num = 0.0
     models: dict[str, Text] = field(default_factory=dict)  # checkpoint paths, where known
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("DepthCard", method=self.method, forget_domain=self.forget_domain,
+                          verdict=self.verdict.line if self.verdict else None)
+
     def _repr_html_(self) -> str:
         from mechun.depth.report import card_html
 
@@ -231,6 +237,12 @@ class SeedMeanCard(_JSON):
     mean: DepthCard
     summary: dict[str, dict[str, Any]]
     per_seed: list[DepthCard]
+
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("SeedMeanCard", method=self.mean.method, n_seeds=len(self.per_seed),
+                          verdict=self.mean.verdict.line if self.mean.verdict else None)
 
     def _repr_html_(self) -> str:
         from mechun.depth.report import card_html

@@ -122,6 +122,12 @@ class CheckpointCard:
     def from_json(cls, data: dict[str, Any]) -> CheckpointCard:
         return cls(**{k: v for k, v in data.items() if k != "measure_descriptions"})
 
+    def __repr__(self) -> str:
+        from mechun.display import short_repr
+
+        return short_repr("CheckpointCard", measures=self.measures, uds_score=self.uds["score"],
+                          n_forget=self.n_forget, n_retain=self.n_retain)
+
     def _repr_html_(self) -> str:
         from mechun.display import frame, svg_lines, table
 
