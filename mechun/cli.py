@@ -49,13 +49,6 @@ Parser = argparse.ArgumentParser
 Subparsers = argparse._SubParsersAction
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 # -- argument types: each raises ArgumentTypeError, which argparse turns into a usage error naming the option --------
 def _int(text: str, minimum: int | None, what: str) -> int:
     try:
@@ -940,10 +933,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.check is not None:
         args.check(args.parser, args)
-    _quiet_transformers()
+    from mechun.progress import quiet_dependencies
+
     try:
-        _preflight(args)
-        return args.func(args)
+        with quiet_dependencies():  # scoped: a caller of main() in Python keeps its own transformers settings
+            _preflight(args)
+            return args.func(args)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("mechun: interrupted; nothing partial was written (outputs appear whole or not at all)",

@@ -20,24 +20,11 @@ _STYLE = ("font-family:system-ui,sans-serif;font-size:12px;border:1px solid #ddd
           "display:inline-block;max-width:100%")
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if isinstance(v, bool) or v is None:
-        return html.escape(str(v))
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
 def table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
-    """A compact HTML table from dicts (the first row's keys are the columns)."""
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    cell = "padding:1px 8px;text-align:right;border-bottom:1px solid #eee"
-    head = "".join(f"<th style='{cell}'>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td style='{cell}'>{_fmt(r.get(c, ''), digits)}</td>" for c in cols) + "</tr>"
-                   for r in rows)
-    return f"<table style='border-collapse:collapse;margin:4px 0'><tr>{head}</tr>{body}</table>"
+    """The report's table (:func:`mechun.report.table`) with compact inline cell styles; empty for no rows."""
+    from mechun.report import table as report_table
+
+    return report_table(rows, digits, "padding:1px 8px;text-align:right;border-bottom:1px solid #eee") if rows else ""
 
 
 def frame(title: str, *parts: str, hint: str = "") -> str:

@@ -18,18 +18,20 @@ th{background:#f4f4f4}pre{background:#f7f7f7;padding:1em;overflow-x:auto}.verdic
 background:#eef6ee;border-left:4px solid #4a4;padding:.6em 1em}"""
 
 
-def table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
-    """An HTML table from a list of dicts (keys of the first row are the columns)."""
+def table(rows: Sequence[Mapping[str, Any]], digits: int = 3, cell_style: str = "") -> str:
+    """An HTML table from a list of dicts (keys of the first row are the columns); ``cell_style`` is inlined into
+    every cell (notebook displays carry their own style, a report page has its stylesheet)."""
     if not rows:
         return "<p>(no rows)</p>"
     cols = list(rows[0])
+    style = f" style='{cell_style}'" if cell_style else ""
 
     def fmt(v):
         return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
 
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    head = "".join(f"<th{style}>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td{style}>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
 
 
 def write_report(path: str | Path, title: str, blocks: Sequence[str | go.Figure | tuple[str, str]],

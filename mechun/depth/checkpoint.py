@@ -134,13 +134,16 @@ class CheckpointCard:
         u = self.uds
         return frame(f"Depth measures: {self.models.get('unlearned', 'unlearned model')}",
                      table([{"measure": k, "value": v} for k, v in self.measures.items()]),
-                     table([{"model": k} | v for k, v in self.behaviour.items()]),
+                     table(self.behaviour_rows()),
                      f"<div>UDS score {u['score']:.3f} (the table's uds is 1 - UDS; {u['n_scored']} of "
                      f"{u['n_examples']} questions scored); answer "
                      "log-prob drop when a layer is patched into the full model:</div>",
                      svg_lines({"retain (S1)": u["mean_delta_retain_by_layer"],
                                 "unlearned (S2)": u["mean_delta_unlearned_by_layer"]}, y_label="drop"),
                      hint="higher = more knowledge left; write_checkpoint_card(card, dir) for the report")
+
+    def behaviour_rows(self) -> list[dict[str, Any]]:
+        return [{"model": k} | v for k, v in self.behaviour.items()]
 
     def rows(self) -> list[dict[str, Any]]:
         return [{"measure": k, "value": v, "what (higher = more knowledge left)": QA_MEASURES[k]}
@@ -217,10 +220,9 @@ def checkpoint_card_blocks(card: CheckpointCard) -> list:
     from mechun.plots import layer_lines
     from mechun.report import table
 
-    beh = [{"model": k} | v for k, v in card.behaviour.items()]
     u = card.uds
     return [("h3", "Depth measures (higher = more knowledge left)"), table(card.rows()),
-            ("h3", "Behaviour of the three models (mean per answer token)"), table(beh),
+            ("h3", "Behaviour of the three models (mean per answer token)"), table(card.behaviour_rows()),
             f"<p>UDS score {u['score']:.3f} (the table's <i>uds</i> is 1 - UDS, so that higher = more left) over "
             f"{u['n_scored']} of {u['n_examples']} forget questions with a knowledge-gap layer (tau {u['tau']}).</p>",
             layer_lines({"retain into full (S1)": u["mean_delta_retain_by_layer"],
