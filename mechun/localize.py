@@ -44,6 +44,7 @@ from mechun.models import (
     HOOK_KINDS,
     HookKind,
     Model,
+    bare_module,
     check_layer,
     check_token_ids,
     hook_name,
@@ -52,6 +53,7 @@ from mechun.models import (
     tokenize,
     word_ids,
 )
+from mechun.partial import LAST_POSITION_ATTR, Patch, clean_activations, partial_forward
 
 #: A metric maps logits to one number per batch row (e.g. a logit difference at the last position).
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
@@ -121,6 +123,13 @@ class PatchingResult:
         return out if self.sigma is None else {**out, "sigma": self.sigma}
 
 
+def last_position(metric: Metric) -> Metric:
+    """Mark ``metric`` as reading the logits at the last position only (``logits[:, -1]``), so activation patching
+    may compute the unembedding there alone and pass ``batch 1 vocab`` logits. Returns the same function."""
+    setattr(metric, LAST_POSITION_ATTR, True)
+    return metric
+
+
 def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
     """logit(answer) - logit(wrong) at the last position, for single-token words (after a space)."""
     ids = []
@@ -134,7 +143,7 @@ def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1, a] - logits[:, -1, w]
 
-    return metric
+    return last_position(metric)
 
 
 def answer_prob_metric(model: Model, answer: str) -> Metric:
@@ -148,7 +157,7 @@ def answer_prob_metric(model: Model, answer: str) -> Metric:
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().softmax(-1)[:, tok]
 
-    return metric
+    return last_position(metric)
 
 
 def _tokens(model: Model, text_or_ids: PromptLike) -> Int[Tensor, "1 pos"]:
@@ -176,6 +185,32 @@ def _run_metric(model: Model, ids: Int[Tensor, "batch pos"], metric: Metric) -> 
     return metric(model(ids.to(model_device(model)))).float().cpu()
 
 
+def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, "1 pos"], metric: Metric,
+                   names: dict[int, str], n_heads: int | None, batch_size: int
+                   ) -> tuple[Float[Tensor, "layer pos *head"], float, float] | None:
+    """Every (layer, position[, head]) patch of the hook ``names[layer]``, by partial forwards
+    (:mod:`mechun.partial`): scores ``layer pos`` (``layer pos head`` with ``n_heads``), clean and corrupt metric.
+    ``None`` where the partial path does not apply."""
+    engine = partial_forward(model, ids_x)
+    if engine is None:
+        return None
+    sites = {layer: bare_module(model, name) for layer, name in names.items()}
+    clean, clean_logits = clean_activations(model, ids_c, sites)
+    layers, n_pos = list(names), ids_x.shape[1]
+    heads = range(n_heads) if n_heads is not None else [None]
+    rows = [(li, pos, h) for li in range(len(layers)) for pos in range(n_pos) for h in heads]
+    scores = torch.empty(len(layers), n_pos, len(heads))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        patches = [Patch(layers[li], pos, clean[layers[li]][pos] if h is None else
+                         clean[layers[li]][pos].view(n_heads, -1)[h], h) for li, pos, h in chunk]
+        values = engine.run(lambda layer: sites[layer], patches, metric, n_heads)
+        for (li, pos, h), v in zip(chunk, values, strict=True):
+            scores[li, pos, 0 if h is None else h] = v
+    return (scores if n_heads is not None else scores[..., 0], float(metric(clean_logits).float()[0]),
+            float(metric(engine.logits).float()[0]))
+
+
 @torch.inference_mode()
 def activation_patching(
     model: Model,
@@ -184,15 +219,26 @@ def activation_patching(
     metric: Metric,
     hook: HookKind = "resid_pre",
     layers: Sequence[int] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 256,
 ) -> PatchingResult:
-    """Patch each (layer, position) activation of ``hook`` from the clean into the corrupt run, many per forward."""
+    """Patch each (layer, position) activation of ``hook`` from the clean into the corrupt run.
+
+    On the architectures of :data:`mechun.partial.PARTIAL_ARCHITECTURES`, with no hook on any hook point, each patch
+    recomputes only the layers from its own on and the positions from its own on, reusing the corrupt run's earlier
+    keys and values (:mod:`mechun.partial`); a metric marked as reading the last position only (those of this module
+    are) gets ``batch 1 vocab`` logits. Otherwise many patched copies of the corrupt prompt share one whole forward
+    through the bridge. Both give TransformerLens' numbers (tested). ``batch_size`` bounds the rows of one forward."""
     _check_hook(hook)
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
                           "needs prompts of equal length (aligned positions)")
     layers = _layers(model, layers)
+    tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
+    fast = _partial_sweep(model, ids_c, ids_x, metric, {layer: hook_name(model, hook, layer) for layer in layers},
+                          None, batch_size)
+    if fast is not None:
+        return PatchingResult(fast[0], hook, tokens, fast[1], fast[2], layers)
     n_pos = ids_c.shape[1]
     clean_acts = cache_residuals(model, ids_c, layers=layers, positions="all", hook=hook, progress=False,
                                  store_device=model_device(model)).acts[:, 0]  # layer pos d
@@ -216,7 +262,7 @@ def activation_patching(
         fwd = [(hook_name(model, hook, layers[li]), make(li)) for li in rows_of]
         with hooks(model, fwd):
             scores[start:start + len(chunk)] = metric(model(ids_x.expand(len(chunk), -1).to(dev))).float().cpu()
-    return PatchingResult(scores.reshape(len(layers), n_pos), hook, model.tokenizer.convert_ids_to_tokens(ids_c[0]),
+    return PatchingResult(scores.reshape(len(layers), n_pos), hook, tokens,
                           float(_run_metric(model, ids_c, metric)[0]), float(_run_metric(model, ids_x, metric)[0]),
                           layers)
 
@@ -564,16 +610,20 @@ class HeadPatchingResult:
 
 @torch.inference_mode()
 def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLike, metric: Metric,
-                              batch_size: int = 128) -> HeadPatchingResult:
-    """Per-head activation patching of ``blocks.{l}.attn.hook_z`` by (layer, position, head), batched."""
+                              batch_size: int = 256) -> HeadPatchingResult:
+    """Per-head activation patching of ``blocks.{l}.attn.hook_z`` by (layer, position, head): partial forwards
+    where :mod:`mechun.partial` applies (as :func:`activation_patching`), batched whole forwards otherwise."""
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError("clean and corrupt prompts must have the same number of tokens")
     L, P, dev = n_layers(model), ids_c.shape[1], model_device(model)
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
-    clean_z: dict[int, Tensor] = {}
-
+    tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
     n_heads = int(model.cfg.n_heads)
+    fast = _partial_sweep(model, ids_c, ids_x, metric, dict(enumerate(names)), n_heads, batch_size)
+    if fast is not None:
+        return HeadPatchingResult(fast[0], tokens, fast[1], fast[2])
+    clean_z: dict[int, Tensor] = {}
 
     def heads(act: Tensor) -> Tensor:  # the bridge passes z flattened (batch pos heads*d_head)
         return act if act.ndim == 4 else act.reshape(*act.shape[:2], n_heads, -1)
@@ -605,5 +655,5 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
 
         with hooks(model, [(names[layer], make(layer)) for layer in by_layer]):
             scores[start:start + len(chunk)] = metric(model(ids_x.expand(len(chunk), -1).to(dev))).float().cpu()
-    return HeadPatchingResult(scores.reshape(L, P, H), model.tokenizer.convert_ids_to_tokens(ids_c[0]), clean_metric,
+    return HeadPatchingResult(scores.reshape(L, P, H), tokens, clean_metric,
                               float(_run_metric(model, ids_x, metric)[0]))

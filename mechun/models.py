@@ -538,7 +538,33 @@ def bare_forward_view(model: Model) -> tuple[nn.Module, list[nn.Module]]:
         if any(p.untyped_storage().data_ptr() not in shared for p in bare.parameters()):
             raise MechunError("the unwrapped model does not share weights with the bridge; use the bridge path")
         _BARE[model] = (bare, layers)
+        _BARE_MEMO[model] = memo
     return _BARE[model]
+
+
+_BARE_MEMO: weakref.WeakKeyDictionary[Model, dict[int, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def bare_counterpart(model: Model, component: nn.Module) -> nn.Module:
+    """The module of the bare view (:func:`bare_forward_view`) that a bridge component (or an HF module inside the
+    bridge) stands for."""
+    bare_forward_view(model)
+    while _is_bridge(component):
+        component = component._modules["_original_component"]
+    return _BARE_MEMO[model].get(id(component), component)
+
+
+def bare_module(model: Model, name: str) -> tuple[nn.Module, Literal["in", "out"]]:
+    """The bare-view module whose input (``"in"``: its first argument) or output (``"out"``: the first item of a
+    tuple) is the tensor the bridge's hook point ``name`` sees -- e.g. ``blocks.3.hook_attn_out`` is the output of
+    GPT-2's ``attn`` but of Gemma-2's ``post_attention_layernorm``, ``blocks.3.attn.hook_z`` the input of
+    ``o_proj`` (heads flattened)."""
+    point = hook_point(model, name)
+    path = next((n for n, m in model.named_modules() if m is point), None)
+    parent, _, leaf = (path or "").rpartition(".")
+    if leaf not in ("hook_in", "hook_out"):
+        raise MechunError(f"hook {name!r} is not the input or output of a module of the Hugging Face model")
+    return bare_counterpart(model, model.get_submodule(parent)), "in" if leaf == "hook_in" else "out"
 
 
 def hook_points_in_use(model: Model) -> bool:

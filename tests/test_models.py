@@ -3,54 +3,18 @@ bridge's residual-stream hooks equal Hugging Face's own hidden states."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-)
+from helpers import arch_configs, random_checkpoint
+from transformers import AutoModelForCausalLM
 
 import mechun
 from mechun.errors import MechunError, ModelMismatchError, OutputError
 from mechun.hooks import FAST_KINDS
 from mechun.models import _SHORT_HOOKS, HOOK_KINDS, hf_state_dict, hook_name, hook_point
 
-VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(60)]
-IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
 
-
-def _configs():
-    small = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                 num_attention_heads=4, max_position_embeddings=64, **IDS)
-    return {
-        "gpt2": GPT2Config(vocab_size=len(VOCAB), n_embd=64, n_layer=3, n_head=4, n_positions=64, **IDS),
-        "llama-gqa": LlamaConfig(num_key_value_heads=2, **small),
-        "mistral-gqa": MistralConfig(num_key_value_heads=2, sliding_window=None, **small),
-        "gemma2": Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=32, **small),
-    }
-
-
-def _save_random(cfg, path):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # make the norms non-trivial so a wrongly applied final norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                            eos_token="<eos>").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module", params=list(_configs()))
+@pytest.fixture(scope="module", params=list(arch_configs()))
 def arch_dir(request, tmp_path_factory):
-    return _save_random(_configs()[request.param], tmp_path_factory.mktemp(request.param))
+    return random_checkpoint(arch_configs()[request.param], tmp_path_factory.mktemp(request.param))
 
 
 def _decoder_layers(hf):
@@ -136,7 +100,7 @@ def test_model_mismatch_error_is_a_mechun_error():
 def test_hook_kinds_have_one_source_and_bad_kinds_name_them(tmp_path):
     assert set(HOOK_KINDS) == set(_SHORT_HOOKS) and len(HOOK_KINDS) == len(_SHORT_HOOKS)
     assert set(FAST_KINDS) <= set(HOOK_KINDS)
-    model = mechun.load_model(_save_random(_configs()["gpt2"], tmp_path / "gpt2"), device="cpu")
+    model = mechun.load_model(random_checkpoint(arch_configs()["gpt2"], tmp_path / "gpt2"), device="cpu")
     for kind in HOOK_KINDS:  # every short kind names a real hook point of the bridge
         assert isinstance(hook_point(model, hook_name(model, kind, 1)), torch.nn.Module)
     with pytest.raises(MechunError, match="hook kind 'resid_pots'") as err:

@@ -1,0 +1,92 @@
+"""Activation patching by partial forwards (mechun.partial): the same numbers as TransformerLens' patching on every
+tested architecture, for every hook kind and per head, with a last-position metric and with one that reads every
+position; the whole-forward path where the partial one cannot apply; no weight changed and no hook left."""
+
+import pytest
+import torch
+from conftest import warm, weights_hash
+from helpers import arch_configs, random_checkpoint
+from transformer_lens import patching
+
+import mechun
+from mechun.hooks import count_hooks, hooks
+from mechun.localize import activation_patching, activation_patching_heads, last_position
+from mechun.partial import _pack, partial_forward
+
+CLEAN = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11"
+CORRUPT = "w1 w2 w13 w4 w5 w16 w7 w8 w9 w10 w11"
+TL = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out,
+      "mlp_out": patching.get_act_patch_mlp_out}
+
+
+@pytest.fixture(scope="module", params=list(arch_configs()))
+def arch_model(request, tmp_path_factory):
+    # Gemma-2 with a sliding window shorter than the prompt, so its local layers' masks matter
+    cfg = arch_configs(gemma_window=4)[request.param]
+    return mechun.load_model(random_checkpoint(cfg, tmp_path_factory.mktemp(request.param)), device="cpu")
+
+
+def _metrics():
+    last = last_position(lambda logits: logits[:, -1, 20] - logits[:, -1, 21])
+    every = lambda logits: logits[:, :, 20].mean(1) - logits[:, 3, 22]  # noqa: E731 -- reads every position
+    return {"last": last, "every": every}
+
+
+@pytest.mark.parametrize("hook", list(TL))
+def test_partial_patching_equals_transformer_lens(arch_model, hook):
+    model = arch_model
+    ids_c, _ = mechun.tokenize(model, [CLEAN])
+    ids_x, _ = mechun.tokenize(model, [CORRUPT])
+    assert partial_forward(model, ids_x) is not None  # the fast path is the one under test
+    warm(model)
+    before, n_hooks = weights_hash(model), count_hooks(model)
+    _, clean_cache = model.run_with_cache(ids_c)
+    for name, metric in _metrics().items():
+        ours = activation_patching(model, CLEAN, CORRUPT, metric, hook=hook, batch_size=13)
+        theirs = TL[hook](model, ids_x, clean_cache, lambda logits, m=metric: m(logits)[0]).cpu()
+        assert ours.scores.shape == theirs.shape
+        assert (ours.scores - theirs).abs().max() < 1e-4, (name, float((ours.scores - theirs).abs().max()))
+        assert theirs.std() > 1e-3  # the sweep has structure to get wrong
+    assert weights_hash(model) == before and count_hooks(model) == n_hooks
+
+
+def test_partial_head_patching_equals_transformer_lens(arch_model):
+    model = arch_model
+    ids_c, _ = mechun.tokenize(model, [CLEAN])
+    ids_x, _ = mechun.tokenize(model, [CORRUPT])
+    _, clean_cache = model.run_with_cache(ids_c)
+    metric = _metrics()["last"]
+    ours = activation_patching_heads(model, CLEAN, CORRUPT, metric, batch_size=50)
+    theirs = patching.get_act_patch_attn_head_out_by_pos(model, ids_x, clean_cache, lambda lg: metric(lg)[0]).cpu()
+    assert ours.scores.shape == theirs.shape == (model.cfg.n_layers, ids_c.shape[1], model.cfg.n_heads)
+    assert (ours.scores - theirs).abs().max() < 1e-4
+
+
+def test_whole_forward_path_when_a_hook_point_has_a_hook(arch_model):
+    """A user's hook on a hook point would not fire in the partial path: patching then takes whole forwards through
+    the bridge, under the user's hook, and a hook that changes nothing gives the partial path's numbers."""
+    model = arch_model
+    metric = _metrics()["last"]
+    fast = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+    seen = []
+    with hooks(model, [("blocks.0.hook_resid_post", lambda act: seen.append(1))]):
+        ids_x, _ = mechun.tokenize(model, [CORRUPT])
+        assert partial_forward(model, ids_x) is None
+        slow = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+    assert seen and (fast.scores - slow.scores).abs().max() < 1e-4
+    assert fast.clean_metric == pytest.approx(slow.clean_metric, abs=1e-4)
+    assert fast.corrupt_metric == pytest.approx(slow.corrupt_metric, abs=1e-4)
+
+
+def test_pack_keeps_rows_whole_and_every_token_once():
+    # rows 0..4 with windows of 5, 1, 4, 2, 3 tokens (each row's tokens contiguous, as the engine keeps them)
+    tok_row = torch.tensor([0] * 5 + [1] + [2] * 4 + [3] * 2 + [4] * 3)
+    packed = _pack(tok_row)
+    assert packed.shape[1] == 5  # no sequence longer than the longest window
+    real = packed[packed >= 0]
+    assert sorted(real.tolist()) == list(range(len(tok_row)))
+    for seq in packed:
+        rows = tok_row[seq[seq >= 0]]
+        for r in rows.unique():
+            assert int((rows == r).sum()) == int((tok_row == r).sum())  # a row never split across sequences
+    assert packed.shape[0] == 3  # first fit by decreasing length: [5], [4, 1], [3, 2]
