@@ -64,7 +64,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check mechun tests analyses benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/cache_overhead.py
+	$(PY) benchmarks/speed.py
 
 clean:
 	rm -rf runs .pytest_cache

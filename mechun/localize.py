@@ -53,7 +53,7 @@ from mechun.models import (
     tokenize,
     word_ids,
 )
-from mechun.partial import LAST_POSITION_ATTR, Patch, clean_activations, partial_forward
+from mechun.partial import LAST_POSITION_ATTR, Patch, partial_forward, tapped_metric
 
 #: A metric maps logits to one number per batch row (e.g. a logit difference at the last position).
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
@@ -195,7 +195,13 @@ def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor,
     if engine is None:
         return None
     sites = {layer: bare_module(model, name) for layer, name in names.items()}
-    clean, clean_logits = clean_activations(model, ids_c, sites)
+    clean: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        return lambda act: clean.__setitem__(layer, act[0].clone())
+
+    clean_metric = float(tapped_metric(model, ids_c, {name: keep(layer) for layer, name in names.items()},
+                                       metric).float()[0])
     layers, n_pos = list(names), ids_x.shape[1]
     heads = range(n_heads) if n_heads is not None else [None]
     rows = [(li, pos, h) for li in range(len(layers)) for pos in range(n_pos) for h in heads]
@@ -207,8 +213,7 @@ def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor,
         values = engine.run(lambda layer: sites[layer], patches, metric, n_heads)
         for (li, pos, h), v in zip(chunk, values, strict=True):
             scores[li, pos, 0 if h is None else h] = v
-    return (scores if n_heads is not None else scores[..., 0], float(metric(clean_logits).float()[0]),
-            float(metric(engine.logits).float()[0]))
+    return scores if n_heads is not None else scores[..., 0], clean_metric, float(metric(engine.logits).float()[0])
 
 
 @torch.inference_mode()
@@ -291,9 +296,9 @@ def attribution_patching(
         return fn
 
     # one clean forward gives every hook kind's activations and the clean metric
-    with torch.inference_mode(), hooks(model, [(hook_name(model, h, layer), keep_clean(h, layer))
-                                               for h in hooks_ for layer in range(L)]):
-        clean_value = float(metric(model(ids_c.to(dev)))[0])
+    with torch.inference_mode():
+        clean_value = float(tapped_metric(model, ids_c.to(dev), {hook_name(model, h, layer): keep_clean(h, layer)
+                                                               for h in hooks_ for layer in range(L)}, metric)[0])
     saved: dict[tuple[str, int], Tensor] = {}
 
     def keep(h: str, layer: int):
@@ -301,9 +306,9 @@ def attribution_patching(
             saved[(h, layer)] = act
         return fn
 
-    fwd = [(hook_name(model, h, layer), keep(h, layer)) for h in hooks_ for layer in range(L)]
-    with torch.enable_grad(), hooks(model, fwd):
-        out = metric(model(ids_x.to(dev))).sum()
+    with torch.enable_grad():
+        out = tapped_metric(model, ids_x.to(dev), {hook_name(model, h, layer): keep(h, layer)
+                                                   for h in hooks_ for layer in range(L)}, metric).sum()
         keys = list(saved)
         grads = torch.autograd.grad(out, [saved[k] for k in keys])  # activation gradients only, no weight grads
     corrupt_value = float(out.detach())

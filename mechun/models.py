@@ -101,7 +101,6 @@ def load_model(
     checkpoint's (no LayerNorm folding), so ``blocks.{l}.hook_resid_post`` equals Hugging Face's
     ``hidden_states[l + 1]``.
     """
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(path_or_name)
@@ -127,19 +126,56 @@ def load_model(
         raise CheckpointError(f"{source}: the checkpoint cannot be read ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]}); it is damaged: re-save or re-download it") from e
     check_loaded(source, info, hf_model, tokenizer)
-    if tokenizer.pad_token is None:  # gpt2, llama: pad with eos; mechun always passes an attention mask
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
     if device_map is None:
         hf_model.to(device)
-    fuse_activations(hf_model)
-    with quiet_dependencies():
-        bridge = TransformerBridge.boot_transformers(
-            source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-        )
-    bridge.eval()
+    bridge = _bridge(hf_model, tokenizer, source, device, dtype)
     _SOURCES[bridge] = source
     return bridge
+
+
+def _bridge(hf: nn.Module, tokenizer: Any, source: str, device: torch.device | None, dtype: torch.dtype) -> Model:
+    """The bridge over a loaded HF model: right padding (pad = eos where the tokenizer has none; mechun always
+    passes an attention mask), fused activations, eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    fuse_activations(hf)
+    with quiet_dependencies():
+        bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=tokenizer, device=device,
+                                                     dtype=dtype)
+    bridge.eval()
+    return bridge
+
+
+def wrap_model(hf: nn.Module, tokenizer: Any) -> Model:
+    """A bridge over a Hugging Face causal LM already in memory -- one built from a config (random weights, for a
+    benchmark), or loaded with options :func:`load_model` does not offer -- as :func:`load_model` makes it from a
+    checkpoint: the same hook points, fused activations, eval mode. The model must use eager attention (mechun's
+    hooks read and patch attention internals) and keep its weights on one device."""
+    if getattr(hf.config, "_attn_implementation", "eager") != "eager":
+        raise MechunError(f"the model uses {hf.config._attn_implementation!r} attention; build or load it with "
+                          "attn_implementation='eager'")
+    devices = {p.device for p in hf.parameters()}
+    if len(devices) != 1:
+        raise MechunError(f"the model's weights are on {len(devices)} devices; wrap_model takes a model on one "
+                          "device (use load_model(..., device_map=...) for a spread model)")
+    for name, p in hf.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"weight {name!r} holds NaN or inf values; the model cannot give meaningful outputs")
+    _check_tokenizer("the tokenizer", tokenizer, int(hf.get_input_embeddings().weight.shape[0]))
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    # TransformerLens re-reads the tokenizer from its files when it boots a bridge: give it a dir that has them
+    with tempfile.TemporaryDirectory(prefix="mechun-wrap-") as tmp:
+        with quiet_dependencies():
+            tokenizer.save_pretrained(tmp)
+            hf.config.save_pretrained(tmp)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        return _bridge(hf.eval(), tokenizer, tmp, devices.pop(), next(hf.parameters()).dtype)
 
 
 _SOURCES: weakref.WeakKeyDictionary[Model, str] = weakref.WeakKeyDictionary()

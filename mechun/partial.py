@@ -39,7 +39,9 @@ from mechun.models import (
     Model,
     bare_counterpart,
     bare_forward_view,
+    bare_module,
     hf_config,
+    hf_model,
     hook_points_in_use,
     layer_output,
 )
@@ -118,18 +120,24 @@ def _flat_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
 
 
 @contextmanager
-def _site_hook(module: nn.Module, side: Side, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """``fn`` applied to ``module``'s input (first argument or ``hidden_states``) or output (first item)."""
+def site_hook(module: nn.Module, side: Side, fn: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
+    """``fn`` on ``module``'s input (``side="in"``: first argument or ``hidden_states``) or output (``"out"``: the
+    tensor, or a tuple's first item), for the scope of the ``with``; it returns a replacement or ``None`` (keep)."""
     if side == "out":
         def hook(mod, args, output):
             new = fn(layer_output(output))
+            if new is None:
+                return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
         handle = module.register_forward_hook(hook)
     else:
         def hook(mod, args, kwargs):
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
             if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
         handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
@@ -184,14 +192,11 @@ class PartialForward:
         masks = [call["attention_mask"][0, 0] for call in self.calls]
         self.mask_dtype = masks[0].dtype if masks[0].is_floating_point() else self.inputs[0].dtype
         self.allowed = [m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2 for m in masks]
-        self.norm, self.head = (_bare_component(model, name) for name in ("ln_final", "unembed"))
-        self.softcap = getattr(hf_config(model), "final_logit_softcapping", None)
+        self.norm = bare_counterpart(model, model.ln_final)
 
     def unembed(self, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
-        logits = self.head(self.norm(hidden))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        """Logits of the last layer's output (final norm, LM head, logit soft-capping where the model has it)."""
+        return head_logits(self.model, self.norm(hidden))
 
     def _layer(self, layer: int, hidden: Tensor, pos: Tensor, start: Tensor, row: Tensor) -> Tensor:
         """Decoder layer ``layer`` on packed windows: ``hidden`` is ``seq T d``; token ``(b, t)`` belongs to row
@@ -253,7 +258,7 @@ class PartialForward:
                 at = unpack[torch.tensor(heads, device=dev)]
                 module, side = site(layer)
                 writer = _writer([patches[i] for i in joining], at // packed.shape[1], at % packed.shape[1], n_heads)
-                with _site_hook(module, side, writer):
+                with site_hook(module, side, writer):
                     out = self._layer(layer, hidden, pos, start, row)
             else:
                 out = self._layer(layer, hidden, pos, start, row)
@@ -320,40 +325,42 @@ def _writer(joining: Sequence[Patch], seq: Tensor, slot: Tensor, n_heads: int | 
     return fn
 
 
-def _bare_component(model: Model, name: str) -> nn.Module:
-    """The unwrapped HF module behind one of the bridge's top-level components (``ln_final``, ``unembed``)."""
-    return bare_counterpart(model, getattr(model, name))
+def head_logits(model: Model, normed: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of final-normed hidden states (what the HF body returns): the LM head, then Gemma-2's final logit
+    soft-capping where the config has it."""
+    logits = bare_counterpart(model, model.unembed)(normed)
+    cap = getattr(hf_config(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def tapped_metric(model: Model, ids: Int[Tensor, "batch pos"], taps: dict[str, Callable[[Tensor], Tensor | None]],
+                  metric: Callable[[Tensor], Tensor]) -> Tensor:
+    """``metric`` of a forward on ``ids`` with ``taps`` (hook name -> function) reading or replacing activations.
+
+    With no hook on any hook point, the forward runs through the bare HF modules with the taps on the modules the
+    hook points stand for (:func:`mechun.models.bare_module`), and for a metric that reads only the last position
+    (:func:`reads_last_position`) the LM head runs there alone; otherwise through the bridge's hook points. Same
+    numbers either way; gradients flow where the caller enables them."""
+    if hook_points_in_use(model):
+        from mechun.hooks import hooks
+
+        with hooks(model, list(taps.items())):
+            return metric(model(ids))
+    bare, _ = bare_forward_view(model)
+    with ExitStack() as stack:
+        for name, fn in taps.items():
+            stack.enter_context(site_hook(*bare_module(model, name), fn))
+        if reads_last_position(metric):
+            return metric(head_logits(model, bare.base_model(ids, use_cache=False).last_hidden_state[:, -1:]))
+        return metric(bare(ids, use_cache=False).logits)
 
 
 def partial_forward(model: Model, ids: Int[Tensor, "1 pos"]) -> PartialForward | None:
     """A :class:`PartialForward` over the corrupt prompt ``ids``, or ``None`` where the partial path does not apply
     (an architecture outside :data:`PARTIAL_ARCHITECTURES`, or a hook on some hook point)."""
-    if hook_points_in_use(model) or not set(hf_config(model).architectures or ()) <= set(PARTIAL_ARCHITECTURES):
-        return None
-    if not hf_config(model).architectures:
+    if hook_points_in_use(model) or type(hf_model(model)).__name__ not in PARTIAL_ARCHITECTURES:
         return None
     try:
         return PartialForward(model, ids)
     except Unsupported:
         return None
-
-
-def clean_activations(model: Model, ids: Int[Tensor, "1 pos"], sites: dict[int, tuple[nn.Module, Side]]
-                      ) -> tuple[dict[int, Tensor], Float[Tensor, "1 pos vocab"]]:
-    """One bare forward on the clean prompt: each layer's activation at its site (``pos d``) and the logits."""
-    bare, _ = bare_forward_view(model)
-    got: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def fn(act: Tensor) -> Tensor:
-            got[layer] = act[0].clone()
-            return act
-        return fn
-
-    with ExitStack() as stack, torch.inference_mode():
-        for layer, (module, side) in sites.items():
-            stack.enter_context(_site_hook(module, side, keep(layer)))
-        logits = bare(ids.to(next(bare.parameters()).device), use_cache=False).logits
-    return got, logits
-
-

@@ -158,17 +158,29 @@ def test_bad_inputs(tiny_model, pair):
         causal_trace(tiny_model, clean, ans, subject, sigma=-1.0)
 
 
-def test_batched_patching_uses_a_handful_of_forwards(tiny_model, pair):
-    """The speed-up's mechanism (timings live in benchmarks/patching_speed.py): forwards counted, not timed."""
+def test_patching_recomputes_only_what_a_patch_can_change(tiny_model, pair):
+    """The speed-up's mechanism (timings live in benchmarks/speed.py), counted, not timed: the decoder layers see
+    each layer's share of the sweep once -- a patch at layer l and position p costs layers l.. at positions p.. --
+    far fewer token-layers than one whole forward per patch."""
+    from mechun.models import bare_forward_view
+
     clean, corrupt, ans, wrong = pair
-    calls = []
-    h = mechun.models.hook_point(tiny_model, "embed.hook_out").register_forward_hook(lambda *a: calls.append(1))
+    _, layers = bare_forward_view(tiny_model)
+    seen = [[] for _ in layers]
+    handles = [layer.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: seen[i].append((args[0] if args else kwargs["hidden_states"]).shape[:2]),
+        with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        res = activation_patching(tiny_model, clean, corrupt, logit_diff_metric(tiny_model, ans, wrong), batch_size=64)
+        res = activation_patching(tiny_model, clean, corrupt, logit_diff_metric(tiny_model, ans, wrong))
     finally:
-        h.remove()
-    n_patches = res.scores.numel()
-    assert n_patches >= 12 and len(calls) <= 4  # clean cache + 1 batched sweep + 2 baseline metrics
+        for h in handles:
+            h.remove()
+    L, P = res.scores.shape
+    assert all(len(calls) == 3 for calls in seen)  # corrupt forward, clean forward, one packed call for the sweep
+    sweep_tokens = sum(calls[2][0] * calls[2][1] for calls in seen)  # sequences x packed length, padding included
+    needed = sum((L - layer) * (P - p) for layer in range(L) for p in range(P))
+    assert needed <= sweep_tokens <= 1.25 * needed
+    assert sweep_tokens < 0.5 * L * P * L * P  # whole forwards: every patch runs every layer at every position
 
 
 def test_cli_localize_patching_json(tiny_organism_dir, pair, tmp_path):

@@ -90,3 +90,20 @@ def test_pack_keeps_rows_whole_and_every_token_once():
         for r in rows.unique():
             assert int((rows == r).sum()) == int((tok_row == r).sum())  # a row never split across sequences
     assert packed.shape[0] == 3  # first fit by decreasing length: [5], [4, 1], [3, 2]
+
+
+def test_attribution_bare_path_equals_bridge_path(arch_model):
+    """Attribution patching runs through the bare HF modules (LM head at the last position for a last-position
+    metric) unless a hook point has a hook; both paths give the same estimates, clean and corrupt metrics."""
+    from mechun.localize import attribution_patching
+
+    model = arch_model
+    for metric in _metrics().values():
+        fast = attribution_patching(model, CLEAN, CORRUPT, metric)
+        with hooks(model, [("blocks.0.hook_resid_post", lambda act: None)]):
+            slow = attribution_patching(model, CLEAN, CORRUPT, metric)
+        for kind in fast:
+            assert (fast[kind].scores - slow[kind].scores).abs().max() < 1e-4
+            assert slow[kind].scores.abs().max() > 1e-3
+        assert fast["resid_pre"].clean_metric == pytest.approx(slow["resid_pre"].clean_metric, abs=1e-4)
+        assert fast["resid_pre"].corrupt_metric == pytest.approx(slow["resid_pre"].corrupt_metric, abs=1e-4)
