@@ -171,7 +171,14 @@ def _tokens(model: Model, text_or_ids: PromptLike) -> Int[Tensor, "1 pos"]:
 
 
 def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
-    return list(range(n_layers(model))) if layers is None else [check_layer(model, x) for x in layers]
+    if layers is None:
+        return list(range(n_layers(model)))
+    out = [check_layer(model, x) for x in layers]
+    twice = sorted({x for x in out if out.count(x) > 1})
+    if twice:
+        raise MechunError(f"layers names layer(s) {twice} more than once (negative indices count from the end); "
+                          "list each layer once")
+    return out
 
 
 def _check_hook(hook: str) -> None:

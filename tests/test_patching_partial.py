@@ -107,3 +107,16 @@ def test_attribution_bare_path_equals_bridge_path(arch_model):
             assert slow[kind].scores.abs().max() > 1e-3
         assert fast["resid_pre"].clean_metric == pytest.approx(slow["resid_pre"].clean_metric, abs=1e-4)
         assert fast["resid_pre"].corrupt_metric == pytest.approx(slow["resid_pre"].corrupt_metric, abs=1e-4)
+
+
+def test_layer_subset_matches_the_full_sweep_and_repeated_layers_are_refused(arch_model):
+    from mechun.errors import MechunError
+
+    model = arch_model
+    metric = _metrics()["last"]
+    full = activation_patching(model, CLEAN, CORRUPT, metric, hook="attn_out")
+    part = activation_patching(model, CLEAN, CORRUPT, metric, hook="attn_out", layers=[2, 0])
+    assert part.layers == [2, 0]
+    assert (part.scores - full.scores[[2, 0]]).abs().max() < 1e-5
+    with pytest.raises(MechunError, match="more than once"):
+        activation_patching(model, CLEAN, CORRUPT, metric, layers=[0, -3])
