@@ -11,16 +11,19 @@ patch for TransformerLens' ``patching`` module.
 
 :class:`PartialForward` runs the unwrapped Hugging Face decoder layers directly (:func:`mechun.models.bare_forward_view`,
 the same weights), calling each layer with the arguments the model itself passed it on the corrupt prompt -- the
-attention mask, rotary position embeddings, position ids -- cut to the positions computed, and with a small cache
-object that puts the recorded earlier keys and values in front of the new ones (:class:`_PrefixCache`; every
-attention module of the supported architectures goes through ``cache.update``). Rows patched at the same position
-share one batch whatever their layer: a row joins the batch at its own layer, entering with the corrupt residual
-stream, and is patched there.
+attention mask, rotary position embeddings, position ids -- rebuilt for the tokens computed, and with a small cache
+object that puts the corrupt run's keys and values in front of the new ones (:class:`_PrefixCache`; every attention
+module of the supported architectures goes through ``cache.update``). All rows of a sweep share each layer's call:
+a row joins at its own layer, entering with the corrupt residual stream at its positions, and is patched there; the
+rows' windows are packed into sequences no longer than the prompt (first fit, longest first), and the mask lets each
+token see the corrupt keys before its row's patch position and its own row's tokens, within whatever the model's
+own mask allows (causal; Gemma-2's sliding window). Packing keeps the matrix products large: on a CPU, a small
+batch per position would cost more time than the FLOPs it saves.
 
-The path is used for the architectures the tests check it on (:data:`PARTIAL_ARCHITECTURES`) and only while no
-TransformerLens hook point has a hook (a user's hook would not fire here); :func:`partial_forward` returns ``None``
-otherwise and callers fall back to batched whole forwards through the bridge. Nothing here changes a weight; every
-torch hook it adds is removed on exit.
+The path is used for the architectures the tests check it on (:data:`PARTIAL_ARCHITECTURES`), on one device, and
+only while no TransformerLens hook point has a hook (a user's hook would not fire here); :func:`partial_forward`
+returns ``None`` otherwise and callers fall back to batched whole forwards through the bridge. Nothing here changes
+a weight; every torch hook it adds is removed on exit.
 """
 
 from __future__ import annotations
@@ -357,8 +360,11 @@ def tapped_metric(model: Model, ids: Int[Tensor, "batch pos"], taps: dict[str, C
 
 def partial_forward(model: Model, ids: Int[Tensor, "1 pos"]) -> PartialForward | None:
     """A :class:`PartialForward` over the corrupt prompt ``ids``, or ``None`` where the partial path does not apply
-    (an architecture outside :data:`PARTIAL_ARCHITECTURES`, or a hook on some hook point)."""
+    (an architecture outside :data:`PARTIAL_ARCHITECTURES`, a hook on some hook point, weights spread over several
+    devices, or layers called in a way it does not know)."""
     if hook_points_in_use(model) or type(hf_model(model)).__name__ not in PARTIAL_ARCHITECTURES:
+        return None
+    if len({p.device for p in model.parameters()}) > 1:  # spread over devices (device_map): untested here
         return None
     try:
         return PartialForward(model, ids)
