@@ -55,14 +55,10 @@ PARTIAL_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausa
 
 #: Names a decoder layer's cache argument has had across ``transformers`` versions.
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-#: Layer arguments with a position axis, and how to cut them to positions ``p ..``.
-_POSITIONAL = {
-    "attention_mask": lambda t, p: t[..., p:, :],  # batch 1 query key: keep every key, queries from p
-    "position_ids": lambda t, p: t[..., p:],
-    "cache_position": lambda t, p: t[p:],
-    "position_embeddings": lambda t, p: tuple(x[:, p:] for x in t),  # (cos, sin), each batch pos d
-}
-#: A logits function for a metric that reads the last position only (see :func:`reads_last_position`).
+#: Layer arguments with a position axis: rebuilt for the packed tokens of a partial forward (``cache_position``,
+#: which only a real cache reads, is dropped).
+_POSITIONAL = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
+#: The attribute that marks a metric as reading the last position only (see :func:`reads_last_position`).
 LAST_POSITION_ATTR = "mechun_last_position"
 
 Side = Literal["in", "out"]
@@ -76,24 +72,23 @@ def reads_last_position(metric: Callable) -> bool:
 
 
 class _PrefixCache:
-    """Stands in for ``transformers``' ``Cache`` inside a partial forward. Recording (``prefix=None``): each
-    attention layer's ``update`` stores its keys and values and returns them. Replaying: returns the recorded keys
-    and values of positions ``< start``, repeated over the batch, followed by the new ones."""
+    """Stands in for ``transformers``' ``Cache`` inside a partial forward: each attention layer hands its new keys and
+    values to ``update`` and attends to what it returns. Recording (``prefix=None``): stores them and returns them.
+    Replaying: returns the recorded keys and values of the corrupt run (every position), repeated over the batch,
+    followed by the new ones; the mask says which of them each query may see."""
 
-    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None, start: int = 0):
+    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None):
         self.recorded: dict[int, tuple[Tensor, Tensor]] = {}
-        self.prefix, self.start = prefix, start
+        self.prefix = prefix
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if self.prefix is None:
             self.recorded[layer_idx] = (key, value)
             return key, value
-        if self.start == 0:
-            return key, value
         k, v = self.prefix[layer_idx]
         rows = key.shape[0]
-        return (torch.cat([k[..., :self.start, :].expand(rows, -1, -1, -1), key], dim=-2),
-                torch.cat([v[..., :self.start, :].expand(rows, -1, -1, -1), value], dim=-2))
+        return (torch.cat([k.expand(rows, -1, -1, -1), key], dim=-2),
+                torch.cat([v.expand(rows, -1, -1, -1), value], dim=-2))
 
 
 class Unsupported(Exception):
@@ -225,7 +220,7 @@ class PartialForward:
             elif name == "cache_position":
                 continue
             kwargs[name] = value
-        cache = _PrefixCache(self.kv, self.n_pos)
+        cache = _PrefixCache(self.kv)
         return layer_output(self.layers[layer](hidden_states=hidden, **kwargs, **{self.cache_arg: cache}))
 
     @torch.inference_mode()
@@ -245,7 +240,7 @@ class PartialForward:
             joining = [i for i, p in enumerate(patches) if p.layer == layer]
             if joining:
                 windows = [torch.arange(patches[i].position, P, device=dev) for i in joining]
-                heads = [len(tok_row) + sum(len(w) for w in windows[:j]) for j in range(len(joining))]
+                firsts = [len(tok_row) + sum(len(w) for w in windows[:j]) for j in range(len(joining))]
                 tokens = torch.cat([tokens, *(self.inputs[layer][0, w] for w in windows)])
                 tok_row = torch.cat([tok_row, *(torch.full_like(w, i) for i, w in zip(joining, windows, strict=True))])
                 tok_pos = torch.cat([tok_pos, *windows])
@@ -258,7 +253,7 @@ class PartialForward:
                 start = starts[row.clamp_min(0)]
             hidden = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])])[slot].view(*packed.shape, -1)
             if joining:
-                at = unpack[torch.tensor(heads, device=dev)]
+                at = unpack[torch.tensor(firsts, device=dev)]  # where each joining row's patch token sits
                 module, side = site(layer)
                 writer = _writer([patches[i] for i in joining], at // packed.shape[1], at % packed.shape[1], n_heads)
                 with site_hook(module, side, writer):
