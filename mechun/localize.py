@@ -288,7 +288,11 @@ def attribution_patching(
 ) -> dict[HookKind, PatchingResult]:
     """First-order estimate of every patch at once: grad(metric on corrupt) . (clean - corrupt), per layer x pos.
 
-    ``scores`` hold the *estimated change* of the metric (not the patched metric itself)."""
+    ``scores`` hold the *estimated change* of the metric (not the patched metric itself). The cost is one clean
+    forward (every hook kind's activations and the clean metric), one corrupt forward with gradients and one
+    backward to the activations only; where no hook point has a hook they run through the bare HF modules
+    (:func:`mechun.partial.tapped_metric`), with the LM head at the last position alone for a metric marked by
+    :func:`last_position`."""
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError("clean and corrupt prompts must have the same number of tokens")
