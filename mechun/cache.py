@@ -38,8 +38,8 @@ from mechun.models import (
     check_layer,
     check_same_model,
     check_token_ids,
+    foreign_hooks_present,
     hook_name,
-    hook_points_in_use,
     model_device,
     model_fingerprint,
     n_layers,
@@ -263,10 +263,10 @@ class _Collector:
 def _hook_scope(model: Model, hook: str, layers: list[int], names: list[str], fns: list[Callable[[Tensor], None]],
                 ) -> AbstractContextManager[torch.nn.Module | None]:
     """The context that installs ``fns``; it yields the bare HF model on the fast path, else None."""
-    # Fast path: with no hook on any hook point (no intervention active), run the unwrapped HF model with hooks on
-    # its decoder layers -- the cost of a plain transformers forward. Otherwise run the bridge, so that every
-    # active hook (project_out, add_direction, the user's own) shapes what is cached.
-    if hook in FAST_KINDS and not hook_points_in_use(model):
+    # Fast path: with no hook on any of the bridge's modules (no intervention active), run the unwrapped HF model
+    # with hooks on its decoder layers -- the cost of a plain transformers forward. Otherwise run the bridge, so that
+    # every active hook (project_out, add_direction, the user's own on a hook point or any module) shapes the cache.
+    if hook in FAST_KINDS and not foreign_hooks_present(model):
         return bare_layer_hooks(model, [(layer, hook, fn) for layer, fn in zip(layers, fns, strict=True)])
     return hooks(model, list(zip(names, fns, strict=True)))
 

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 from torch import Tensor, nn
 
-from mechun.models import Model, bare_forward_view, hook_point, layer_output
+from mechun.models import Model, _library_internal, bare_forward_view, hook_point, layer_output
 
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -44,14 +44,6 @@ def hooks(model: Model, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Non
     finally:
         for h in reversed(handles):
             h.remove()
-
-
-def _library_internal(fn: object) -> bool:
-    """A hook the libraries install on themselves and keep: TransformerLens' bridge wires capture hooks on its first
-    forward, ``transformers`` installs output-capturing hooks the first time hidden states or attentions are
-    requested (e.g. by ``run_with_cache``). Hooks registered through hook points (mechun's, the user's, TL's
-    ``run_with_hooks``) come from other modules and are counted."""
-    return (getattr(fn, "__module__", None) or "").startswith(("transformer_lens.model_bridge", "transformers."))
 
 
 def count_hooks(model: Model) -> int:

@@ -53,7 +53,14 @@ from mechun.models import (
     tokenize,
     word_ids,
 )
-from mechun.partial import LAST_POSITION_ATTR, Patch, partial_forward, tapped_metric
+from mechun.partial import (
+    LAST_POSITION_ATTR,
+    Patch,
+    check_last_position,
+    metric_values,
+    partial_forward,
+    tapped_metric,
+)
 
 #: A metric maps logits to one number per batch row (e.g. a logit difference at the last position).
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
@@ -141,7 +148,7 @@ def logit_diff_metric(model: Model, answer: str, wrong: str) -> Metric:
     a, w = ids
 
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
-        return logits[:, -1, a] - logits[:, -1, w]
+        return logits[:, -1, a].float() - logits[:, -1, w].float()
 
     return last_position(metric)
 
@@ -174,6 +181,8 @@ def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(n_layers(model)))
     out = [check_layer(model, x) for x in layers]
+    if not out:
+        raise MechunError("layers is empty; pass the layers to patch, or None for every layer")
     twice = sorted({x for x in out if out.count(x) > 1})
     if twice:
         raise MechunError(f"layers names layer(s) {twice} more than once (negative indices count from the end); "
@@ -189,27 +198,42 @@ def _check_hook(hook: str) -> None:
 
 @torch.inference_mode()
 def _run_metric(model: Model, ids: Int[Tensor, "batch pos"], metric: Metric) -> Float[Tensor, " batch"]:
-    return metric(model(ids.to(model_device(model)))).float().cpu()
+    return metric_values(metric, model(ids.to(model_device(model)))).cpu()
+
+
+def _write_hook(hook: HookKind) -> HookKind:
+    """Where a patch of ``hook`` is written. resid_mid is written through the attention output (attn_out := clean
+    resid_mid - corrupt resid_pre): the bridge's ``hook_resid_mid`` sits at the MLP norm's *input*, and the decoder
+    layer keeps its own reference to the residual, so a value written there reaches the MLP but not the stream."""
+    return "attn_out" if hook == "resid_mid" else hook
 
 
 def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, "1 pos"], metric: Metric,
-                   names: dict[int, str], n_heads: int | None, batch_size: int
+                   hook: str, layers: list[int], n_heads: int | None, batch_size: int
                    ) -> tuple[Float[Tensor, "layer pos *head"], float, float] | None:
-    """Every (layer, position[, head]) patch of the hook ``names[layer]``, by partial forwards
-    (:mod:`mechun.partial`): scores ``layer pos`` (``layer pos head`` with ``n_heads``), clean and corrupt metric.
-    ``None`` where the partial path does not apply."""
+    """Every (layer, position[, head]) patch of ``hook`` (a :data:`HookKind`, or ``"z"`` for per-head patching) by
+    partial forwards (:mod:`mechun.partial`): scores ``layer pos`` (``layer pos head`` with ``n_heads``), clean and
+    corrupt metric. ``None`` where the partial path does not apply."""
     engine = partial_forward(model, ids_x)
     if engine is None:
         return None
-    sites = {layer: bare_module(model, name) for layer, name in names.items()}
+    check_last_position(metric, engine.logits)
+    corrupt_metric = float(metric_values(metric, engine.logits)[0])
+
+    def name(kind: str, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z" if kind == "z" else hook_name(model, kind, layer)
+
+    sites = {layer: bare_module(model, name(_write_hook(hook) if hook != "z" else hook, layer)) for layer in layers}
     clean: dict[int, Tensor] = {}
 
     def keep(layer: int):
         return lambda act: clean.__setitem__(layer, act[0].clone())
 
-    clean_metric = float(tapped_metric(model, ids_c, {name: keep(layer) for layer, name in names.items()},
+    clean_metric = float(tapped_metric(model, ids_c, {name(hook, layer): keep(layer) for layer in layers},
                                        metric).float()[0])
-    layers, n_pos = list(names), ids_x.shape[1]
+    if hook == "resid_mid":  # written through attn_out: the value that makes the stream clean_mid at (layer, pos)
+        clean = {layer: clean[layer] - engine.inputs[layer][0] for layer in layers}
+    n_pos = ids_x.shape[1]
     heads = range(n_heads) if n_heads is not None else [None]
     rows = [(li, pos, h) for li in range(len(layers)) for pos in range(n_pos) for h in heads]
     scores = torch.empty(len(layers), n_pos, len(heads))
@@ -220,7 +244,12 @@ def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor,
         values = engine.run(lambda layer: sites[layer], patches, metric, n_heads)
         for (li, pos, h), v in zip(chunk, values, strict=True):
             scores[li, pos, 0 if h is None else h] = v
-    return scores if n_heads is not None else scores[..., 0], clean_metric, float(metric(engine.logits).float()[0])
+    return scores if n_heads is not None else scores[..., 0], clean_metric, corrupt_metric
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MechunError(f"batch_size must be an integer >= 1 (rows of one forward), got {batch_size!r}")
 
 
 @torch.inference_mode()
@@ -235,28 +264,39 @@ def activation_patching(
 ) -> PatchingResult:
     """Patch each (layer, position) activation of ``hook`` from the clean into the corrupt run.
 
-    On the architectures of :data:`mechun.partial.PARTIAL_ARCHITECTURES`, with no hook on any hook point, each patch
-    recomputes only the layers from its own on and the positions from its own on, reusing the corrupt run's earlier
-    keys and values (:mod:`mechun.partial`); a metric marked as reading the last position only (those of this module
-    are) gets ``batch 1 vocab`` logits. Otherwise many patched copies of the corrupt prompt share one whole forward
-    through the bridge. Both give TransformerLens' numbers (tested). ``batch_size`` bounds the rows of one forward."""
+    On the architectures of :data:`mechun.partial.PARTIAL_ARCHITECTURES`, with no hook on any of the bridge's modules,
+    each patch recomputes only the layers from its own on and the positions from its own on, reusing the corrupt
+    run's earlier keys and values (:mod:`mechun.partial`); a metric marked by :func:`last_position` (those of this
+    module are) gets ``batch 1 vocab`` logits. Otherwise many patched copies of the corrupt prompt share one whole
+    forward through the bridge, under whatever hooks are active. Both give TransformerLens' numbers (tested).
+    ``batch_size`` bounds the rows of one forward.
+
+    ``resid_mid`` is patched *as the residual stream*: the stream between attention and MLP is set to its clean value
+    by writing ``clean resid_mid - corrupt resid_pre`` as the attention output. (TransformerLens' bridge hook
+    ``hook_resid_mid`` is the MLP norm's input; a value written there reaches the MLP but not the stream, which the
+    decoder layer holds on its own, so ``patching.get_act_patch_resid_mid`` on a bridge patches the MLP's input only.)"""
     _check_hook(hook)
+    _check_batch_size(batch_size)
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
                           "needs prompts of equal length (aligned positions)")
     layers = _layers(model, layers)
     tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
-    fast = _partial_sweep(model, ids_c, ids_x, metric, {layer: hook_name(model, hook, layer) for layer in layers},
-                          None, batch_size)
+    fast = _partial_sweep(model, ids_c, ids_x, metric, hook, layers, None, batch_size)
     if fast is not None:
         return PatchingResult(fast[0], hook, tokens, fast[1], fast[2], layers)
-    n_pos = ids_c.shape[1]
+    n_pos, dev = ids_c.shape[1], model_device(model)
+    with torch.inference_mode():
+        corrupt_logits = model(ids_x.to(dev))
+    check_last_position(metric, corrupt_logits)
     clean_acts = cache_residuals(model, ids_c, layers=layers, positions="all", hook=hook, progress=False,
-                                 store_device=model_device(model)).acts[:, 0]  # layer pos d
+                                 store_device=dev).acts[:, 0]  # layer pos d
+    if hook == "resid_mid":  # written through attn_out: the value that makes the stream clean_mid there
+        clean_acts = clean_acts - cache_residuals(model, ids_x, layers=layers, positions="all", hook="resid_pre",
+                                                  progress=False, store_device=dev).acts[:, 0]
     index = [(li, p) for li in range(len(layers)) for p in range(n_pos)]
     scores = torch.empty(len(index))
-    dev = model_device(model)
     for start in range(0, len(index), batch_size):
         chunk = index[start:start + batch_size]
         rows_of = {li: ([r for r, (lj, _) in enumerate(chunk) if lj == li],
@@ -271,11 +311,12 @@ def activation_patching(
                 return act
             return fn
 
-        fwd = [(hook_name(model, hook, layers[li]), make(li)) for li in rows_of]
+        fwd = [(hook_name(model, _write_hook(hook), layers[li]), make(li)) for li in rows_of]
         with hooks(model, fwd):
-            scores[start:start + len(chunk)] = metric(model(ids_x.expand(len(chunk), -1).to(dev))).float().cpu()
+            scores[start:start + len(chunk)] = metric_values(
+                metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
     return PatchingResult(scores.reshape(len(layers), n_pos), hook, tokens,
-                          float(_run_metric(model, ids_c, metric)[0]), float(_run_metric(model, ids_x, metric)[0]),
+                          float(_run_metric(model, ids_c, metric)[0]), float(metric_values(metric, corrupt_logits)[0]),
                           layers)
 
 
@@ -309,7 +350,8 @@ def attribution_patching(
     # one clean forward gives every hook kind's activations and the clean metric
     with torch.inference_mode():
         clean_value = float(tapped_metric(model, ids_c.to(dev), {hook_name(model, h, layer): keep_clean(h, layer)
-                                                               for h in hooks_ for layer in range(L)}, metric)[0])
+                                                               for h in hooks_ for layer in range(L)}, metric,
+                                          check=True)[0])
     saved: dict[tuple[str, int], Tensor] = {}
 
     def keep(h: str, layer: int):
@@ -629,6 +671,7 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
                               batch_size: int = 256) -> HeadPatchingResult:
     """Per-head activation patching of ``blocks.{l}.attn.hook_z`` by (layer, position, head): partial forwards
     where :mod:`mechun.partial` applies (as :func:`activation_patching`), batched whole forwards otherwise."""
+    _check_batch_size(batch_size)
     ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
     if ids_c.shape != ids_x.shape:
         raise MechunError("clean and corrupt prompts must have the same number of tokens")
@@ -636,7 +679,7 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
     tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
     n_heads = int(model.cfg.n_heads)
-    fast = _partial_sweep(model, ids_c, ids_x, metric, dict(enumerate(names)), n_heads, batch_size)
+    fast = _partial_sweep(model, ids_c, ids_x, metric, "z", list(range(L)), n_heads, batch_size)
     if fast is not None:
         return HeadPatchingResult(fast[0], tokens, fast[1], fast[2])
     clean_z: dict[int, Tensor] = {}
@@ -650,7 +693,7 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
         return fn
 
     with hooks(model, [(n, grab(i)) for i, n in enumerate(names)]):
-        clean_metric = float(metric(model(ids_c.to(dev))).float()[0])
+        clean_metric = float(metric_values(metric, model(ids_c.to(dev)))[0])
     H = clean_z[0].shape[1]
     index = [(layer, p, h) for layer in range(L) for p in range(P) for h in range(H)]
     scores = torch.empty(len(index))
@@ -670,6 +713,6 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
             return fn
 
         with hooks(model, [(names[layer], make(layer)) for layer in by_layer]):
-            scores[start:start + len(chunk)] = metric(model(ids_x.expand(len(chunk), -1).to(dev))).float().cpu()
+            scores[start:start + len(chunk)] = metric_values(metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
     return HeadPatchingResult(scores.reshape(L, P, H), tokens, clean_metric,
                               float(_run_metric(model, ids_x, metric)[0]))

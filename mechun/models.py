@@ -563,10 +563,13 @@ def _has_hooks(module: nn.Module) -> bool:
 def bare_forward_view(model: Model) -> tuple[nn.Module, list[nn.Module]]:
     """The HF model without the bridge's wrappers (sharing every weight), and its decoder layers in order.
 
-    A forward through it costs what a plain ``transformers`` forward costs; TransformerLens hook points do not
-    fire in it, so callers use it only when no hook point has a hook (see :func:`hook_points_in_use`).
+    A forward through it costs what a plain ``transformers`` forward costs; hooks on the bridge's modules (hook
+    points included) do not fire in it, so callers use it only when there are none (:func:`foreign_hooks_present`).
+    The view is rebuilt whenever the model's module tree or a module's train/eval flag has changed since it was made
+    (a module swapped in, ``model.train()``), so it never runs a stale copy.
     """
-    if model not in _BARE:
+    state = tuple((id(m), m.training) for m in hf_model(model).modules())
+    if model not in _BARE or _BARE_STATE.get(model) != state:
         memo: dict[int, nn.Module] = {}
         bare = _unwrap(hf_model(model), memo)
         layers = [memo[id(block._modules["_original_component"])] for block in model.blocks]
@@ -575,9 +578,11 @@ def bare_forward_view(model: Model) -> tuple[nn.Module, list[nn.Module]]:
             raise MechunError("the unwrapped model does not share weights with the bridge; use the bridge path")
         _BARE[model] = (bare, layers)
         _BARE_MEMO[model] = memo
+        _BARE_STATE[model] = state
     return _BARE[model]
 
 
+_BARE_STATE: weakref.WeakKeyDictionary[Model, tuple[tuple[int, bool], ...]] = weakref.WeakKeyDictionary()
 _BARE_MEMO: weakref.WeakKeyDictionary[Model, dict[int, nn.Module]] = weakref.WeakKeyDictionary()
 
 
@@ -601,6 +606,22 @@ def bare_module(model: Model, name: str) -> tuple[nn.Module, Literal["in", "out"
     if leaf not in ("hook_in", "hook_out"):
         raise MechunError(f"hook {name!r} is not the input or output of a module of the Hugging Face model")
     return bare_counterpart(model, model.get_submodule(parent)), "in" if leaf == "hook_in" else "out"
+
+
+def foreign_hooks_present(model: Model) -> bool:
+    """Whether any module of the bridge -- a hook point or any other -- has a forward hook that is not the
+    libraries' own (the bridge's internal wiring, ``transformers``' output capturing). Paths through the bare view
+    (:func:`bare_forward_view`), where such hooks would not fire, are taken only when there are none."""
+    return any(not _library_internal(fn) for m in model.modules()
+               for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+def _library_internal(fn: object) -> bool:
+    """A hook the libraries install on themselves and keep: TransformerLens' bridge wires capture hooks on its first
+    forward, ``transformers`` installs output-capturing hooks the first time hidden states or attentions are
+    requested (e.g. by ``run_with_cache``). Hooks registered through hook points (mechun's, the user's, TL's
+    ``run_with_hooks``) come from other modules and are counted."""
+    return (getattr(fn, "__module__", None) or "").startswith(("transformer_lens.model_bridge", "transformers."))
 
 
 def hook_points_in_use(model: Model) -> bool:

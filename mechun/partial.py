@@ -38,14 +38,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechun.errors import MechunError
 from mechun.models import (
     Model,
     bare_counterpart,
     bare_forward_view,
     bare_module,
+    foreign_hooks_present,
     hf_config,
     hf_model,
-    hook_points_in_use,
     layer_output,
 )
 
@@ -69,6 +70,32 @@ def reads_last_position(metric: Callable) -> bool:
     :mod:`mechun.localize` do, by a ``mechun_last_position`` attribute); such a metric is given ``batch 1 vocab``
     logits, others the whole ``batch pos vocab``."""
     return bool(getattr(metric, LAST_POSITION_ATTR, False))
+
+
+def metric_values(metric: Callable[[Tensor], Tensor], logits: Tensor) -> Tensor:
+    """``metric(logits)`` as ``batch`` floats, or a :class:`MechunError` saying what a metric must return."""
+    out = metric(logits)
+    if not isinstance(out, Tensor) or out.shape != logits.shape[:1]:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise MechunError(f"the metric returned {shape} for logits of shape {tuple(logits.shape)}; a metric maps "
+                          "batch x pos x vocab logits to one number per batch row (shape [batch]), e.g. "
+                          "logits[:, -1, a] - logits[:, -1, b]")
+    return out.float()
+
+
+def check_last_position(metric: Callable[[Tensor], Tensor], logits: Float[Tensor, "1 pos vocab"]) -> None:
+    """A metric marked by :func:`last_position` must give the same number on the last position's logits alone."""
+    if not reads_last_position(metric) or logits.shape[1] == 1:
+        return
+    whole = metric_values(metric, logits)
+    try:
+        last = metric_values(metric, logits[:, -1:])
+    except (IndexError, RuntimeError) as e:
+        raise MechunError(f"the metric is marked last_position but fails on the last position's logits alone ({e}); "
+                          "mark only metrics that read logits[:, -1]") from e
+    if not torch.allclose(whole, last, rtol=1e-4, atol=1e-5):
+        raise MechunError(f"the metric is marked last_position but reads other positions too ({float(whole[0]):.4g} "
+                          f"on all logits, {float(last[0]):.4g} on the last position's); drop last_position() for it")
 
 
 class _PrefixCache:
@@ -332,32 +359,40 @@ def head_logits(model: Model, normed: Float[Tensor, "batch pos d_model"]) -> Flo
 
 
 def tapped_metric(model: Model, ids: Int[Tensor, "batch pos"], taps: dict[str, Callable[[Tensor], Tensor | None]],
-                  metric: Callable[[Tensor], Tensor]) -> Tensor:
+                  metric: Callable[[Tensor], Tensor], check: bool = False) -> Tensor:
     """``metric`` of a forward on ``ids`` with ``taps`` (hook name -> function) reading or replacing activations.
 
     With no hook on any hook point, the forward runs through the bare HF modules with the taps on the modules the
     hook points stand for (:func:`mechun.models.bare_module`), and for a metric that reads only the last position
     (:func:`reads_last_position`) the LM head runs there alone; otherwise through the bridge's hook points. Same
-    numbers either way; gradients flow where the caller enables them."""
-    if hook_points_in_use(model):
+    numbers either way; gradients flow where the caller enables them. ``check``: compute every position's logits
+    and refuse a metric marked last-position that reads other positions (:func:`check_last_position`)."""
+    if foreign_hooks_present(model):
         from mechun.hooks import hooks
 
         with hooks(model, list(taps.items())):
-            return metric(model(ids))
+            logits = model(ids)
+            if check:
+                check_last_position(metric, logits)
+            return metric_values(metric, logits)
     bare, _ = bare_forward_view(model)
     with ExitStack() as stack:
         for name, fn in taps.items():
             stack.enter_context(site_hook(*bare_module(model, name), fn))
-        if reads_last_position(metric):
-            return metric(head_logits(model, bare.base_model(ids, use_cache=False).last_hidden_state[:, -1:]))
-        return metric(bare(ids, use_cache=False).logits)
+        if reads_last_position(metric) and not check:
+            return metric_values(metric, head_logits(
+                model, bare.base_model(ids, use_cache=False).last_hidden_state[:, -1:]))
+        logits = bare(ids, use_cache=False).logits
+        if check:
+            check_last_position(metric, logits)
+        return metric_values(metric, logits)
 
 
 def partial_forward(model: Model, ids: Int[Tensor, "1 pos"]) -> PartialForward | None:
     """A :class:`PartialForward` over the corrupt prompt ``ids``, or ``None`` where the partial path does not apply
     (an architecture outside :data:`PARTIAL_ARCHITECTURES`, a hook on some hook point, weights spread over several
     devices, or layers called in a way it does not know)."""
-    if hook_points_in_use(model) or type(hf_model(model)).__name__ not in PARTIAL_ARCHITECTURES:
+    if foreign_hooks_present(model) or type(hf_model(model)).__name__ not in PARTIAL_ARCHITECTURES:
         return None
     if len({p.device for p in model.parameters()}) > 1:  # spread over devices (device_map): untested here
         return None

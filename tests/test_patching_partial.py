@@ -122,3 +122,108 @@ def test_layer_subset_matches_the_full_sweep_and_repeated_layers_are_refused(arc
     assert (part.scores - full.scores[[2, 0]]).abs().max() < 1e-5
     with pytest.raises(MechunError, match="more than once"):
         activation_patching(model, CLEAN, CORRUPT, metric, layers=[0, -3])
+
+
+@torch.no_grad()
+def test_resid_mid_is_patched_as_the_residual_stream(arch_model):
+    """The bridge's hook_resid_mid is the MLP norm's input: writing there reaches the MLP only. mechun patches the
+    stream itself (through the attention output); the reference writes attn_out := clean_mid - corrupt_pre through
+    TransformerLens' own run_with_hooks, and patching every position of a layer gives back the clean logits."""
+    model = arch_model
+    metric = _metrics()["last"]
+    ids_c, _ = mechun.tokenize(model, [CLEAN])
+    ids_x, _ = mechun.tokenize(model, [CORRUPT])
+    _, cc = model.run_with_cache(ids_c)
+    _, cx = model.run_with_cache(ids_x)
+    ours = activation_patching(model, CLEAN, CORRUPT, metric, hook="resid_mid")
+    L, P = ours.scores.shape
+    ref = torch.empty(L, P)
+    for layer in range(L):
+        delta = cc[f"blocks.{layer}.hook_resid_mid"] - cx[f"blocks.{layer}.hook_resid_pre"]
+        for p in range(P):
+            def write(act, hook, layer=layer, p=p, delta=delta):
+                act = act.clone()
+                act[:, p] = delta[:, p]
+                return act
+            ref[layer, p] = metric(model.run_with_hooks(
+                ids_x, fwd_hooks=[(f"blocks.{layer}.hook_attn_out", write)]))[0]
+    assert (ours.scores - ref).abs().max() < 1e-4 and ref.std() > 1e-3
+    with hooks(model, [("blocks.0.hook_resid_post", lambda act: None)]):  # the whole-forward path does the same
+        slow = activation_patching(model, CLEAN, CORRUPT, metric, hook="resid_mid")
+    assert (slow.scores - ref).abs().max() < 1e-4
+    # a residual-stream patch at every position of a layer is the clean run from there on
+    every = model.run_with_hooks(ids_x, fwd_hooks=[(
+        "blocks.1.hook_attn_out", lambda act, hook: (cc["blocks.1.hook_resid_mid"] - cx["blocks.1.hook_resid_pre"]))])
+    assert float(metric(every)[0]) == pytest.approx(ours.clean_metric, abs=1e-4)
+
+
+def test_a_plain_torch_hook_on_a_module_is_honoured(arch_model):
+    """A user's hook on any module (not a hook point) sends patching and attribution through the bridge, where it
+    fires; the bare paths would silently skip it."""
+    from mechun.localize import attribution_patching
+
+    model = arch_model
+    metric = _metrics()["last"]
+    plain = activation_patching(model, CLEAN, CORRUPT, metric)
+    handle = model.blocks[1].mlp.register_forward_hook(lambda mod, args, out: out * 0)
+    try:
+        ids_x, _ = mechun.tokenize(model, [CORRUPT])
+        assert partial_forward(model, ids_x) is None
+        ablated = activation_patching(model, CLEAN, CORRUPT, metric)
+        expected = float(metric(model(mechun.tokenize(model, [CLEAN])[0]))[0])
+        attr = attribution_patching(model, CLEAN, CORRUPT, metric)
+    finally:
+        handle.remove()
+    assert ablated.clean_metric == pytest.approx(expected, abs=1e-5)
+    assert attr["resid_pre"].clean_metric == pytest.approx(expected, abs=1e-5)
+    assert abs(plain.clean_metric - expected) > 1e-3  # the ablation mattered
+
+
+def test_the_bare_view_follows_module_swaps_and_train_eval(arch_model):
+    model = arch_model
+    metric = _metrics()["last"]
+    before = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+    mlp = model.blocks[0].mlp
+    while "_original_component" in mlp._modules:  # the HF MLP inside the bridge's wrapper
+        mlp = mlp._modules["_original_component"]
+    name = next(n for n in mlp._modules if n.startswith("act"))  # GPT-2 act, Llama/Mistral/Gemma-2 act_fn
+    old = getattr(mlp, name)
+    setattr(mlp, name, torch.nn.Identity())
+    try:
+        swapped = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+        with hooks(model, [("blocks.0.hook_resid_post", lambda act: None)]):
+            reference = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+    finally:
+        setattr(mlp, name, old)
+    assert (swapped.scores - reference.scores).abs().max() < 1e-4
+    assert (swapped.scores - before.scores).abs().max() > 1e-4
+    model.train()
+    mechun.models.bare_forward_view(model)
+    model.eval()
+    again = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
+    assert (again.scores - before.scores).abs().max() < 1e-6  # eval mode again: no dropout left on
+
+
+def test_bad_metrics_batch_sizes_and_layers_are_refused(arch_model):
+    from mechun.errors import MechunError
+
+    model = arch_model
+    reads_bos = last_position(lambda logits: logits[:, 0, 20] - logits[:, 0, 21])
+    with pytest.raises(MechunError, match="marked last_position but reads other positions"):
+        activation_patching(model, CLEAN, CORRUPT, reads_bos)
+    reads_third = last_position(lambda logits: logits[:, 3, 20])
+    with pytest.raises(MechunError, match="marked last_position"):
+        activation_patching(model, CLEAN, CORRUPT, reads_third)
+    from mechun.localize import attribution_patching
+
+    with pytest.raises(MechunError, match="marked last_position"):
+        attribution_patching(model, CLEAN, CORRUPT, reads_bos)
+    with pytest.raises(MechunError, match="one number per batch row"):
+        activation_patching(model, CLEAN, CORRUPT, lambda logits: logits[:, -1, 20].mean())
+    for bad in (0, -1):
+        with pytest.raises(MechunError, match="batch_size must be an integer >= 1"):
+            activation_patching(model, CLEAN, CORRUPT, _metrics()["last"], batch_size=bad)
+        with pytest.raises(MechunError, match="batch_size must be an integer >= 1"):
+            activation_patching_heads(model, CLEAN, CORRUPT, _metrics()["last"], batch_size=bad)
+    with pytest.raises(MechunError, match="layers is empty"):
+        activation_patching(model, CLEAN, CORRUPT, _metrics()["last"], layers=[])
