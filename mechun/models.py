@@ -624,11 +624,6 @@ def _library_internal(fn: object) -> bool:
     return (getattr(fn, "__module__", None) or "").startswith(("transformer_lens.model_bridge", "transformers."))
 
 
-def hook_points_in_use(model: Model) -> bool:
-    """Whether any TransformerLens hook point currently has a hook (ours or the user's)."""
-    return any(_has_hooks(point) for point in model.hook_dict.values())
-
-
 def layer_output(output: Tensor | tuple[object, ...]) -> Tensor:
     """The hidden states of a decoder layer's output (a tensor, or a tuple whose first item is one)."""
     return output[0] if isinstance(output, tuple) else output

@@ -126,6 +126,12 @@ def test_rmu_refuses_to_train_under_active_bridge_hooks(tiny_organism_dir, tiny_
         with pytest.raises(MechunError, match="hooks now active"):
             rmu_unlearn(model, frozen, forget, retain, RMUConfig(["pathogen"], layer=1, steps=2), progress=False)
     assert layer_activations(model, ids, mask, 1).shape[-1] == model.cfg.d_model  # fine once the context is left
+    handle = model.blocks[0].mlp.register_forward_hook(lambda mod, args, out: out * 0)  # a plain torch hook too
+    try:
+        with pytest.raises(MechunError, match="hooks now active"):
+            layer_activations(model, ids, mask, 1)
+    finally:
+        handle.remove()
 
 
 def test_save_unlearned_roundtrip(rmu_run, tmp_path):

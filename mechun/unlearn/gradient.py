@@ -28,7 +28,7 @@ from mechun.errors import MechunError
 from mechun.models import (
     Model,
     bare_forward_view,
-    hook_points_in_use,
+    foreign_hooks_present,
     model_device,
     model_fingerprint,
     tokenize,
@@ -180,7 +180,7 @@ def gradient_unlearn(model: Model, config: GradientConfig, forget: Sequence[str]
         if model_fingerprint(reference) != model_fingerprint(model):
             raise MechunError("the reference must start as the same weights as the model (load the base twice)")
     for m in (model, reference):
-        if m is not None and hook_points_in_use(m):
+        if m is not None and foreign_hooks_present(m):
             raise MechunError("gradient unlearning trains through the bare HF modules, which would ignore the hooks "
                               "now active on the model; leave that intervention context first")
     mask = full_mask(model) if config.components is None else component_mask(model, config.components, "localized")

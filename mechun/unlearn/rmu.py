@@ -33,7 +33,7 @@ from mechun.models import (
     Model,
     check_layer,
     d_model,
-    hook_points_in_use,
+    foreign_hooks_present,
     model_device,
     model_fingerprint,
     n_layers,
@@ -130,14 +130,14 @@ def layer_activations(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Ten
     """``blocks.{layer}.hook_resid_post`` with gradients (the forward stops after ``layer``).
 
     This runs the bare HF modules (so gradients reach fused weights such as GPT-2's ``c_attn``), which bypass the
-    bridge's hook points; it refuses to run while any hook point has a hook (a ``project_out`` or a user hook would
+    bridge's hook points; it refuses to run while any module of the bridge has a hook (a ``project_out`` or a user hook would
     otherwise be silently ignored)."""
     _refuse_hooks(model)
     return _layer_activations(model, ids, mask, layer)
 
 
 def _refuse_hooks(model: Model) -> None:
-    if hook_points_in_use(model):
+    if foreign_hooks_present(model):
         raise MechunError("RMU trains through the bare HF modules, which would ignore the hooks now active on the "
                           "model (e.g. a project_out or sae_intervention context); leave that context first")
 
