@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,10 +64,10 @@ def prompt(n_tokens: int, offset: int = 100) -> str:
     return " ".join(f"w{i}" for i in range(offset, offset + n_tokens))
 
 
-def best_times(contenders: dict[str, Callable[[], object]], repeats: int,
-               sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """The fastest of ``repeats`` timed calls of each contender, in seconds, after one untimed warm-up call each.
-    The contenders take turns (a, b, c, a, b, c, ...), so a slow spell of a shared machine hits them alike."""
+def turns(contenders: dict[str, Callable[[], object]], repeats: int,
+          sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Each contender's time in each of ``repeats`` turns, in seconds, after one untimed warm-up call each. The
+    contenders take turns (a, b, c, a, b, c, ...), so a slow spell of a shared machine hits them alike."""
     for fn in contenders.values():
         fn()
     sync()
@@ -77,4 +78,16 @@ def best_times(contenders: dict[str, Callable[[], object]], repeats: int,
             fn()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
+    return times
+
+
+def best_times(contenders: dict[str, Callable[[], object]], repeats: int,
+               sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """The fastest of each contender's :func:`turns`."""
+    return {name: min(ts) for name, ts in turns(contenders, repeats, sync).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over turns of ``a``'s time over ``b``'s in the same turn: for ratios near 1, where one lucky turn
+    of either contender would move a ratio of best times more than the difference being measured."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
