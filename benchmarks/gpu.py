@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from transformer_lens import patching
 from transformers import AutoModelForCausalLM
 
 import mechun
+from mechun.io import write_json
 from mechun.localize import activation_patching, attribution_patching, last_position
 from mechun.models import bare_forward_view, hf_state_dict
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=1000, help="prompts cached for the peak-memory measurement")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.json and (args.json.exists() or args.json.is_symlink()):  # before any work; never replaces a file
+        raise SystemExit(f"--json {args.json} already exists; pass a new path (the benchmark never replaces a file)")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{out['rmu_step']['peak_gib']:.1f} GiB (weights {weights_gib:.1f} GiB per copy); total "
           f"{out['total_s']:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        write_json(args.json, out, indent=2)
     return out
 
 

@@ -35,6 +35,7 @@ from transformer_lens import patching
 from transformers import AutoModel, AutoModelForCausalLM
 
 import mechun
+from mechun.io import write_json
 from mechun.localize import activation_patching, attribution_patching, last_position
 from mechun.models import fuse_activations
 
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", choices=["organism", "gpt2-small"])
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
+    if args.json and (args.json.exists() or args.json.is_symlink()):  # before any work; never replaces a file
+        raise SystemExit(f"--json {args.json} already exists; pass a new path (the benchmark never replaces a file)")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.repeats}")
     results = {}
@@ -153,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["gpt2-small"] = measure("gpt2-small", path, texts, prompt(80), ("w103", "w777"), args.repeats)
         report("GPT-2-small shape (random weights)", results["gpt2-small"])
     if args.json:
-        import json
-
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results, indent=2)
     return results
 
 

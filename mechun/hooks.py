@@ -12,12 +12,12 @@ map on every entry); they fire in every forward of the bridge, including Transfo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Literal, get_args
 
 from torch import Tensor, nn
 
-from mechun.models import Model, _library_internal, bare_forward_view, hook_point, layer_output
+from mechun.models import Model, bare_forward_view, foreign_hook_count, hook_point, layer_output
 
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -52,14 +52,8 @@ def count_hooks(model: Model) -> int:
     forward and keeps, and ``transformers``' output-capturing hooks are not counted (they are not a leak)."""
     import itertools
 
-    seen, n = set(), 0
-    for m in itertools.chain(model.modules(), bare_forward_view(model)[0].modules()):
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        for table in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", {})):
-            n += sum(not _library_internal(fn) for fn in table.values())
-    return n
+    modules = {id(m): m for m in itertools.chain(model.modules(), bare_forward_view(model)[0].modules())}
+    return foreign_hook_count(modules.values(), backward=True)
 
 
 #: The hook kinds (a subset of :data:`mechun.models.HookKind`) the caching fast path can hook on the unwrapped HF
@@ -76,34 +70,37 @@ def bare_layer_hooks(model: Model, layer_hooks: Sequence[tuple[int, FastKind, Ho
     tensors as ``blocks.{l}.hook_resid_pre/post`` in every architecture. Used by the caching fast path.
     """
     bare, layers = bare_forward_view(model)
-    handles = []
+    bad = [kind for _, kind, _ in layer_hooks if kind not in FAST_KINDS]
+    if bad:
+        raise ValueError(f"bare_layer_hooks supports {FAST_KINDS}, not {bad[0]!r}")
+    with ExitStack() as stack:
+        for layer, kind, fn in layer_hooks:
+            stack.enter_context(site_hook(layers[layer], "out" if kind == "resid_post" else "in", fn))
+        yield bare
 
-    def post(fn):
-        def hook(module, args, output):
+
+@contextmanager
+def site_hook(module: nn.Module, side: Literal["in", "out"], fn: HookFn) -> Iterator[None]:
+    """``fn`` on a plain torch module's input (``side="in"``: its first argument or ``hidden_states``) or output
+    (``"out"``: the tensor, or a tuple's first item) for the scope of the ``with``; it returns a replacement or
+    ``None`` (keep). The hooks of the bare view (:func:`mechun.models.bare_forward_view`) are made with it."""
+    if side == "out":
+        def hook(mod, args, output):
             new = fn(layer_output(output))
             if new is None:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
-        return hook
-
-    def pre(fn):
-        def hook(module, args, kwargs):
+        handle = module.register_forward_hook(hook)
+    else:
+        def hook(mod, args, kwargs):
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
             if args:
-                new = fn(args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
-        return hook
-
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for layer, kind, fn in layer_hooks:
-            if kind == "resid_post":
-                handles.append(layers[layer].register_forward_hook(post(fn)))
-            elif kind == "resid_pre":
-                handles.append(layers[layer].register_forward_pre_hook(pre(fn), with_kwargs=True))
-            else:
-                raise ValueError(f"bare_layer_hooks supports {FAST_KINDS}, not {kind!r}")
-        yield bare
+        yield
     finally:
-        for h in reversed(handles):
-            h.remove()
+        handle.remove()

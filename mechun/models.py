@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import weakref
+from collections.abc import Iterable
 from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
@@ -608,12 +609,23 @@ def bare_module(model: Model, name: str) -> tuple[nn.Module, Literal["in", "out"
     return bare_counterpart(model, model.get_submodule(parent)), "in" if leaf == "hook_in" else "out"
 
 
+def foreign_hook_count(modules: Iterable[nn.Module], backward: bool = False) -> int:
+    """How many forward (and with ``backward`` backward) hooks on ``modules`` are not the libraries' own (the
+    bridge's internal wiring, ``transformers``' output capturing)."""
+    n = 0
+    for m in modules:
+        tables = [m._forward_hooks, m._forward_pre_hooks]
+        if backward:
+            tables += [m._backward_hooks, getattr(m, "_backward_pre_hooks", {})]
+        n += sum(not _library_internal(fn) for table in tables for fn in table.values())
+    return n
+
+
 def foreign_hooks_present(model: Model) -> bool:
     """Whether any module of the bridge -- a hook point or any other -- has a forward hook that is not the
-    libraries' own (the bridge's internal wiring, ``transformers``' output capturing). Paths through the bare view
-    (:func:`bare_forward_view`), where such hooks would not fire, are taken only when there are none."""
-    return any(not _library_internal(fn) for m in model.modules()
-               for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    libraries' own. Paths through the bare view (:func:`bare_forward_view`), where such hooks would not fire, are
+    taken only when there are none."""
+    return foreign_hook_count(model.modules()) > 0
 
 
 def _library_internal(fn: object) -> bool:

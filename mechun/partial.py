@@ -21,7 +21,7 @@ own mask allows (causal; Gemma-2's sliding window). Packing keeps the matrix pro
 batch per position would cost more time than the FLOPs it saves.
 
 The path is used for the architectures the tests check it on (:data:`PARTIAL_ARCHITECTURES`), on one device, and
-only while no TransformerLens hook point has a hook (a user's hook would not fire here); :func:`partial_forward`
+only while no module of the bridge has a foreign hook (a user's hook would not fire here); :func:`partial_forward`
 returns ``None`` otherwise and callers fall back to batched whole forwards through the bridge. Nothing here changes
 a weight; every torch hook it adds is removed on exit.
 """
@@ -29,8 +29,8 @@ a weight; every torch hook it adds is removed on exit.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechun.errors import MechunError
+from mechun.hooks import hooks, site_hook
 from mechun.models import (
     Model,
     bare_counterpart,
@@ -142,32 +143,6 @@ def _flat_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
         else:
             flat[name] = value
     return flat
-
-
-@contextmanager
-def site_hook(module: nn.Module, side: Side, fn: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
-    """``fn`` on ``module``'s input (``side="in"``: first argument or ``hidden_states``) or output (``"out"``: the
-    tensor, or a tuple's first item), for the scope of the ``with``; it returns a replacement or ``None`` (keep)."""
-    if side == "out":
-        def hook(mod, args, output):
-            new = fn(layer_output(output))
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        handle = module.register_forward_hook(hook)
-    else:
-        def hook(mod, args, kwargs):
-            new = fn(args[0] if args else kwargs["hidden_states"])
-            if new is None:
-                return None
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class PartialForward:
@@ -292,7 +267,7 @@ class PartialForward:
             last = torch.empty(n, dtype=torch.long, device=dev)
             is_last = tok_pos == P - 1
             last[tok_row[is_last]] = is_last.nonzero()[:, 0]
-            return metric(self.unembed(tokens[last][:, None])).float().cpu()
+            return metric_values(metric, self.unembed(tokens[last][:, None])).cpu()
         out = torch.empty(n)
         for lo in range(0, n, 16):  # whole logits for a metric that reads other positions: corrupt before the patch
             rows = range(lo, min(n, lo + 16))
@@ -300,7 +275,7 @@ class PartialForward:
             for j, i in enumerate(rows):
                 mine = tok_row == i
                 logits[j, tok_pos[mine]] = self.unembed(tokens[mine][None])[0]
-            out[lo:lo + len(rows)] = metric(logits).float().cpu()
+            out[lo:lo + len(rows)] = metric_values(metric, logits).cpu()
         return out
 
 
@@ -362,14 +337,13 @@ def tapped_metric(model: Model, ids: Int[Tensor, "batch pos"], taps: dict[str, C
                   metric: Callable[[Tensor], Tensor], check: bool = False) -> Tensor:
     """``metric`` of a forward on ``ids`` with ``taps`` (hook name -> function) reading or replacing activations.
 
-    With no hook on any hook point, the forward runs through the bare HF modules with the taps on the modules the
+    With no foreign hook on the bridge, the forward runs through the bare HF modules with the taps on the modules the
     hook points stand for (:func:`mechun.models.bare_module`), and for a metric that reads only the last position
     (:func:`reads_last_position`) the LM head runs there alone; otherwise through the bridge's hook points. Same
-    numbers either way; gradients flow where the caller enables them. ``check``: compute every position's logits
-    and refuse a metric marked last-position that reads other positions (:func:`check_last_position`)."""
+    numbers either way; gradients flow where the caller enables them. ``check``: refuse a metric marked
+    last-position that reads other positions (:func:`check_last_position`; on the bare path it is given the last two
+    positions' logits, enough to tell, at two positions' cost of the LM head)."""
     if foreign_hooks_present(model):
-        from mechun.hooks import hooks
-
         with hooks(model, list(taps.items())):
             logits = model(ids)
             if check:
@@ -379,13 +353,13 @@ def tapped_metric(model: Model, ids: Int[Tensor, "batch pos"], taps: dict[str, C
     with ExitStack() as stack:
         for name, fn in taps.items():
             stack.enter_context(site_hook(*bare_module(model, name), fn))
-        if reads_last_position(metric) and not check:
-            return metric_values(metric, head_logits(
-                model, bare.base_model(ids, use_cache=False).last_hidden_state[:, -1:]))
-        logits = bare(ids, use_cache=False).logits
-        if check:
-            check_last_position(metric, logits)
-        return metric_values(metric, logits)
+        hidden = bare.base_model(ids, use_cache=False).last_hidden_state  # final-normed
+    if not reads_last_position(metric):
+        return metric_values(metric, head_logits(model, hidden))
+    tail = head_logits(model, hidden[:, -2:] if check else hidden[:, -1:])
+    if check:
+        check_last_position(metric, tail)
+    return metric_values(metric, tail[:, -1:])
 
 
 def partial_forward(model: Model, ids: Int[Tensor, "1 pos"]) -> PartialForward | None:

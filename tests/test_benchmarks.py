@@ -72,3 +72,18 @@ def test_speed_benchmark_runs_on_the_tiny_organism(tiny_organism_dir, tmp_path, 
                                out["attribution_patching"]["ratio"]))
     sys.modules.pop("speed", None)
     sys.modules.pop("common", None)
+
+
+def test_benchmarks_never_replace_an_existing_json(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+    import speed
+
+    mine = tmp_path / "mine.json"
+    mine.write_text("my numbers")
+    for main in (gpu.main, speed.main):
+        with pytest.raises(SystemExit, match="already exists; pass a new path"):
+            main(["--json", str(mine)])
+    assert mine.read_text() == "my numbers"
+    for name in ("gpu", "speed", "common"):
+        sys.modules.pop(name, None)
