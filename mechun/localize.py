@@ -196,11 +196,6 @@ def _check_hook(hook: str) -> None:
         raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {hook!r}")
 
 
-@torch.inference_mode()
-def _run_metric(model: Model, ids: Int[Tensor, "batch pos"], metric: Metric) -> Float[Tensor, " batch"]:
-    return metric_values(metric, model(ids.to(model_device(model)))).cpu()
-
-
 def _write_hook(hook: HookKind) -> HookKind:
     """Where a patch of ``hook`` is written. resid_mid is written through the attention output (attn_out := clean
     resid_mid - corrupt resid_pre): the bridge's ``hook_resid_mid`` sits at the MLP norm's *input*, and the decoder
@@ -247,6 +242,71 @@ def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor,
     return scores if n_heads is not None else scores[..., 0], clean_metric, corrupt_metric
 
 
+def _bridge_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, "1 pos"], metric: Metric,
+                  hook: str, layers: list[int], n_heads: int | None, batch_size: int
+                  ) -> tuple[Float[Tensor, "layer pos *head"], float, float]:
+    """What :func:`_partial_sweep` returns, by whole forwards through the bridge, under whatever hooks are active:
+    one clean forward keeps the activations to patch in (and gives the clean metric), one corrupt forward the
+    corrupt metric (and, for ``resid_mid``, the corrupt residual the patch is written against), then patched copies
+    of the corrupt prompt, ``batch_size`` rows per forward."""
+    dev, n_pos = model_device(model), ids_x.shape[1]
+    per_head = n_heads is not None
+
+    def name(kind: str, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z" if kind == "z" else hook_name(model, kind, layer)
+
+    def shaped(act: Tensor) -> Tensor:  # the bridge passes z flattened (batch pos heads*d_head)
+        return act.reshape(*act.shape[:2], n_heads, -1) if per_head and act.ndim == 3 else act
+
+    def keep(store: dict[int, Tensor], layer: int):
+        return lambda act: store.__setitem__(layer, shaped(act)[0].clone())
+
+    clean: dict[int, Tensor] = {}
+    with hooks(model, [(name(hook, layer), keep(clean, layer)) for layer in layers]):
+        clean_metric = float(metric_values(metric, model(ids_c.to(dev)))[0])
+    corrupt_pre: dict[int, Tensor] = {}
+    with hooks(model, [(name("resid_pre", layer), keep(corrupt_pre, layer))
+                       for layer in (layers if hook == "resid_mid" else [])]):
+        corrupt_logits = model(ids_x.to(dev))
+    check_last_position(metric, corrupt_logits)
+    if hook == "resid_mid":  # written through attn_out: the value that makes the stream clean_mid there
+        clean = {layer: clean[layer] - corrupt_pre[layer] for layer in layers}
+    write = "z" if per_head else _write_hook(hook)
+    heads = range(n_heads) if per_head else [0]
+    rows = [(li, pos, h) for li in range(len(layers)) for pos in range(n_pos) for h in heads]
+    scores = torch.empty(len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        by_layer: dict[int, list[tuple[int, int, int]]] = {}
+        for r, (li, pos, h) in enumerate(chunk):
+            by_layer.setdefault(li, []).append((r, pos, h))
+
+        def patch(li: int, entries: list[tuple[int, int, int]]):
+            r, pos, h = (torch.tensor(x, device=dev) for x in zip(*entries, strict=True))
+            value = clean[layers[li]][pos, h] if per_head else clean[layers[li]][pos]
+
+            def fn(act: Tensor) -> Tensor:
+                out = shaped(act).clone()
+                out[(r, pos, h) if per_head else (r, pos)] = value.to(act.dtype)
+                return out.reshape(act.shape)
+            return fn
+
+        with hooks(model, [(name(write, layers[li]), patch(li, e)) for li, e in by_layer.items()]):
+            scores[start:start + len(chunk)] = metric_values(
+                metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
+    shape = (len(layers), n_pos, n_heads) if per_head else (len(layers), n_pos)
+    return scores.reshape(shape), clean_metric, float(metric_values(metric, corrupt_logits)[0])
+
+
+def _prompt_pair(model: Model, clean: PromptLike, corrupt: PromptLike) -> tuple[Tensor, Tensor]:
+    """The clean and corrupt prompts' token ids, refused unless they have equal lengths (aligned positions)."""
+    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
+    if ids_c.shape != ids_x.shape:
+        raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
+                          "needs prompts of equal length (aligned positions)")
+    return ids_c, ids_x
+
+
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MechunError(f"batch_size must be an integer >= 1 (rows of one forward), got {batch_size!r}")
@@ -277,47 +337,13 @@ def activation_patching(
     decoder layer holds on its own, so ``patching.get_act_patch_resid_mid`` on a bridge patches the MLP's input only.)"""
     _check_hook(hook)
     _check_batch_size(batch_size)
-    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
-    if ids_c.shape != ids_x.shape:
-        raise MechunError(f"clean and corrupt prompts are {ids_c.shape[1]} and {ids_x.shape[1]} tokens; patching "
-                          "needs prompts of equal length (aligned positions)")
+    ids_c, ids_x = _prompt_pair(model, clean, corrupt)
     layers = _layers(model, layers)
     tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
-    fast = _partial_sweep(model, ids_c, ids_x, metric, hook, layers, None, batch_size)
-    if fast is not None:
-        return PatchingResult(fast[0], hook, tokens, fast[1], fast[2], layers)
-    n_pos, dev = ids_c.shape[1], model_device(model)
-    with torch.inference_mode():
-        corrupt_logits = model(ids_x.to(dev))
-    check_last_position(metric, corrupt_logits)
-    clean_acts = cache_residuals(model, ids_c, layers=layers, positions="all", hook=hook, progress=False,
-                                 store_device=dev).acts[:, 0]  # layer pos d
-    if hook == "resid_mid":  # written through attn_out: the value that makes the stream clean_mid there
-        clean_acts = clean_acts - cache_residuals(model, ids_x, layers=layers, positions="all", hook="resid_pre",
-                                                  progress=False, store_device=dev).acts[:, 0]
-    index = [(li, p) for li in range(len(layers)) for p in range(n_pos)]
-    scores = torch.empty(len(index))
-    for start in range(0, len(index), batch_size):
-        chunk = index[start:start + batch_size]
-        rows_of = {li: ([r for r, (lj, _) in enumerate(chunk) if lj == li],
-                        [p for (lj, p) in chunk if lj == li]) for li in {li for li, _ in chunk}}
-
-        def make(li: int, rows_of=rows_of):
-            rows, pos = (torch.tensor(x, device=dev) for x in rows_of[li])
-
-            def fn(act: Tensor) -> Tensor:
-                act = act.clone()
-                act[rows, pos] = clean_acts[li, pos].to(act.dtype)
-                return act
-            return fn
-
-        fwd = [(hook_name(model, _write_hook(hook), layers[li]), make(li)) for li in rows_of]
-        with hooks(model, fwd):
-            scores[start:start + len(chunk)] = metric_values(
-                metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
-    return PatchingResult(scores.reshape(len(layers), n_pos), hook, tokens,
-                          float(_run_metric(model, ids_c, metric)[0]), float(metric_values(metric, corrupt_logits)[0]),
-                          layers)
+    scores, clean_metric, corrupt_metric = (
+        _partial_sweep(model, ids_c, ids_x, metric, hook, layers, None, batch_size)
+        or _bridge_sweep(model, ids_c, ids_x, metric, hook, layers, None, batch_size))
+    return PatchingResult(scores, hook, tokens, clean_metric, corrupt_metric, layers)
 
 
 def attribution_patching(
@@ -334,9 +360,7 @@ def attribution_patching(
     backward to the activations only; where no hook point has a hook they run through the bare HF modules
     (:func:`mechun.partial.tapped_metric`), with the LM head at the last position alone for a metric marked by
     :func:`last_position`."""
-    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
-    if ids_c.shape != ids_x.shape:
-        raise MechunError("clean and corrupt prompts must have the same number of tokens")
+    ids_c, ids_x = _prompt_pair(model, clean, corrupt)
     for h in hooks_:
         _check_hook(h)
     L, dev = n_layers(model), model_device(model)
@@ -672,47 +696,9 @@ def activation_patching_heads(model: Model, clean: PromptLike, corrupt: PromptLi
     """Per-head activation patching of ``blocks.{l}.attn.hook_z`` by (layer, position, head): partial forwards
     where :mod:`mechun.partial` applies (as :func:`activation_patching`), batched whole forwards otherwise."""
     _check_batch_size(batch_size)
-    ids_c, ids_x = _tokens(model, clean), _tokens(model, corrupt)
-    if ids_c.shape != ids_x.shape:
-        raise MechunError("clean and corrupt prompts must have the same number of tokens")
-    L, P, dev = n_layers(model), ids_c.shape[1], model_device(model)
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+    ids_c, ids_x = _prompt_pair(model, clean, corrupt)
     tokens = model.tokenizer.convert_ids_to_tokens(ids_c[0])
-    n_heads = int(model.cfg.n_heads)
-    fast = _partial_sweep(model, ids_c, ids_x, metric, "z", list(range(L)), n_heads, batch_size)
-    if fast is not None:
-        return HeadPatchingResult(fast[0], tokens, fast[1], fast[2])
-    clean_z: dict[int, Tensor] = {}
-
-    def heads(act: Tensor) -> Tensor:  # the bridge passes z flattened (batch pos heads*d_head)
-        return act if act.ndim == 4 else act.reshape(*act.shape[:2], n_heads, -1)
-
-    def grab(layer: int):
-        def fn(act: Tensor) -> None:
-            clean_z[layer] = heads(act)[0].clone()
-        return fn
-
-    with hooks(model, [(n, grab(i)) for i, n in enumerate(names)]):
-        clean_metric = float(metric_values(metric, model(ids_c.to(dev)))[0])
-    H = clean_z[0].shape[1]
-    index = [(layer, p, h) for layer in range(L) for p in range(P) for h in range(H)]
-    scores = torch.empty(len(index))
-    for start in range(0, len(index), batch_size):
-        chunk = index[start:start + batch_size]
-        by_layer: dict[int, list[tuple[int, int, int]]] = {}
-        for r, (layer, p, h) in enumerate(chunk):
-            by_layer.setdefault(layer, []).append((r, p, h))
-
-        def make(layer: int, by_layer=by_layer):
-            r, p, h = (torch.tensor(x, device=dev) for x in zip(*by_layer[layer], strict=True))
-
-            def fn(act: Tensor) -> Tensor:
-                out = heads(act).clone()
-                out[r, p, h] = clean_z[layer][p, h].to(act.dtype)
-                return out.reshape(act.shape)
-            return fn
-
-        with hooks(model, [(names[layer], make(layer)) for layer in by_layer]):
-            scores[start:start + len(chunk)] = metric_values(metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
-    return HeadPatchingResult(scores.reshape(L, P, H), tokens, clean_metric,
-                              float(_run_metric(model, ids_x, metric)[0]))
+    layers, n_heads = list(range(n_layers(model))), int(model.cfg.n_heads)
+    sweep = (_partial_sweep(model, ids_c, ids_x, metric, "z", layers, n_heads, batch_size)
+             or _bridge_sweep(model, ids_c, ids_x, metric, "z", layers, n_heads, batch_size))
+    return HeadPatchingResult(sweep[0], tokens, sweep[1], sweep[2])

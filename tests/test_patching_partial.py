@@ -75,9 +75,13 @@ def test_whole_forward_path_when_a_hook_point_has_a_hook(arch_model):
         ids_x, _ = mechun.tokenize(model, [CORRUPT])
         assert partial_forward(model, ids_x) is None
         slow = activation_patching(model, CLEAN, CORRUPT, metric, hook="mlp_out")
-    assert seen and (fast.scores - slow.scores).abs().max() < 1e-4
-    assert fast.clean_metric == pytest.approx(slow.clean_metric, abs=1e-4)
-    assert fast.corrupt_metric == pytest.approx(slow.corrupt_metric, abs=1e-4)
+        slow_heads = activation_patching_heads(model, CLEAN, CORRUPT, metric, batch_size=50)
+    fast_heads = activation_patching_heads(model, CLEAN, CORRUPT, metric, batch_size=50)
+    assert seen
+    for f, s in ((fast, slow), (fast_heads, slow_heads)):
+        assert (f.scores - s.scores).abs().max() < 1e-4
+        assert f.clean_metric == pytest.approx(s.clean_metric, abs=1e-4)
+        assert f.corrupt_metric == pytest.approx(s.corrupt_metric, abs=1e-4)
 
 
 def test_pack_keeps_rows_whole_and_every_token_once():
