@@ -134,19 +134,45 @@ def full_mask(model: Model) -> ParameterMask:
     return ParameterMask([n for n, _ in named], [], sum(p.numel() for _, p in named), "nonlocalized")
 
 
-def _answer_logprobs(bare: torch.nn.Module, model: Model, prompts: Sequence[str], answers: Sequence[str],
-                     ) -> Float[Tensor, " n"]:
-    """log p(first answer token | prompt), differentiable."""
-    ids, mask = tokenize(model, list(prompts))
+class _Tokenized:
+    """Texts tokenised once (with :func:`tokenize`'s checks), so that a training loop's sampled batches cost no
+    tokenizer call: :meth:`batch` pads the chosen rows on the right as :func:`tokenize` would, and with ``answers``
+    each row also has its first answer token."""
+
+    def __init__(self, model: Model, texts: Sequence[str], answers: Sequence[str] | None = None):
+        ids, mask = tokenize(model, list(texts))
+        lengths = mask.sum(1).tolist()
+        self.rows = [ids[i, :n] for i, n in enumerate(lengths)]
+        self.pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        first = {a: word_ids(model, a, "answer")[0] for a in set(answers or ())}
+        self.targets = [first[a] for a in answers] if answers is not None else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: Sequence[int]) -> tuple[Tensor, Tensor]:
+        rows = [self.rows[i] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=rows[0].dtype)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        return ids, mask
+
+
+def _answer_logprobs(bare: torch.nn.Module, model: Model, data: _Tokenized, idx: Sequence[int]) -> Float[Tensor, " n"]:
+    """log p(first answer token | prompt) of ``data``'s rows ``idx``, differentiable."""
+    ids, mask = data.batch(idx)
     dev = model_device(model)
     logits = bare(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-    last = logits[torch.arange(len(prompts), device=dev), mask.sum(1).to(dev) - 1].log_softmax(-1)
-    targets = [word_ids(model, a, "answer")[0] for a in answers]
-    return last.gather(-1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
+    last = logits[torch.arange(len(idx), device=dev), mask.sum(1).to(dev) - 1].log_softmax(-1)
+    targets = torch.tensor([data.targets[i] for i in idx], device=dev)
+    return last.gather(-1, targets[:, None]).squeeze(1)
 
 
-def _lm_loss(bare: torch.nn.Module, model: Model, texts: Sequence[str]) -> Float[Tensor, ""]:
-    ids, mask = tokenize(model, list(texts))
+def _lm_loss(bare: torch.nn.Module, model: Model, data: _Tokenized, idx: Sequence[int]) -> Float[Tensor, ""]:
+    ids, mask = data.batch(idx)
     dev = model_device(model)
     labels = ids.masked_fill(mask == 0, -100).to(dev)
     return bare(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels, use_cache=False).loss
@@ -180,20 +206,20 @@ def _main_loss(logp: Float[Tensor, " n"], mode: str) -> Float[Tensor, ""]:
     return -logp.mean()
 
 
-def _step_loss(bare: torch.nn.Module, model: Model, prompts: Sequence[str], answers: Sequence[str], mode: str,
-               maintain: Sequence[tuple[str, str]], lm_texts: Sequence[str], batch_size: int, maintain_weight: float,
-               lm_weight: float, rng: random.Random) -> tuple[Float[Tensor, ""], dict[str, float]]:
+def _step_loss(bare: torch.nn.Module, model: Model, main_data: _Tokenized, mode: str, maintain: _Tokenized | None,
+               lm_texts: _Tokenized | None, batch_size: int, maintain_weight: float, lm_weight: float,
+               rng: random.Random) -> tuple[Float[Tensor, ""], dict[str, float]]:
     """One sampled batch's total loss and its parts: the main objective, then the maintain and LM terms if given."""
-    idx = rng.sample(range(len(prompts)), min(batch_size, len(prompts)))
-    main = _main_loss(_answer_logprobs(bare, model, [prompts[i] for i in idx], [answers[i] for i in idx]), mode)
+    idx = rng.sample(range(len(main_data)), min(batch_size, len(main_data)))
+    main = _main_loss(_answer_logprobs(bare, model, main_data, idx), mode)
     loss, parts = main, {"main": main.item()}
-    if maintain:
-        m = rng.sample(list(maintain), min(batch_size, len(maintain)))
-        keep = -_answer_logprobs(bare, model, [p for p, _ in m], [a for _, a in m]).mean()
+    if maintain is not None:
+        m = rng.sample(range(len(maintain)), min(batch_size, len(maintain)))
+        keep = -_answer_logprobs(bare, model, maintain, m).mean()
         loss = loss + maintain_weight * keep
         parts["maintain"] = keep.item()
-    if lm_texts:
-        lm = _lm_loss(bare, model, rng.sample(list(lm_texts), min(batch_size, len(lm_texts))))
+    if lm_texts is not None:
+        lm = _lm_loss(bare, model, lm_texts, rng.sample(range(len(lm_texts)), min(batch_size, len(lm_texts))))
         loss = loss + lm_weight * lm
         parts["lm"] = lm.item()
     return loss, parts
@@ -226,6 +252,9 @@ def localized_finetune(
         raise MechunError("pass one answer per prompt, and at least one prompt")
     bare, _ = bare_forward_view(model)
     params = _trainable(bare, mask)
+    main_data = _Tokenized(model, prompts, answers)
+    keep_data = _Tokenized(model, [p for p, _ in maintain], [a for _, a in maintain]) if maintain else None
+    lm_data = _Tokenized(model, lm_texts) if lm_texts else None
     old = _freeze_all_but(bare, params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -233,7 +262,7 @@ def localized_finetune(
     history = []
     try:
         for _ in progress_bar(range(steps), desc=f"localized fine-tuning ({mask.label or len(params)})", disable=not progress):
-            loss, parts = _step_loss(bare, model, prompts, answers, mode, maintain, lm_texts, batch_size,
+            loss, parts = _step_loss(bare, model, main_data, mode, keep_data, lm_data, batch_size,
                                      maintain_weight, lm_weight, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()

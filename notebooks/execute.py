@@ -8,6 +8,9 @@ without saving (tests/test_notebooks.py), and both check that no output carries 
 progress bar (:func:`noise`).
 
     python notebooks/execute.py [NOTEBOOK ...]      # default: every notebook in this folder
+
+:func:`execute_many` runs several notebooks at once, each in a process and kernel of its own with one thread (the
+test suite's way).
 """
 
 from __future__ import annotations
@@ -80,6 +83,39 @@ def execute(path: str | Path, organism: str | Path, workdir: str | Path, timeout
     return nb
 
 
+def execute_many(paths: list[Path], organism: str | Path, workdir: str | Path, workers: int = 2) -> dict:
+    """Execute ``paths`` on ``organism``, ``workers`` at a time, each in a process of its own (a fresh kernel, as
+    :func:`execute`) limited to one thread: on the tiny organism most of a notebook's time is single-threaded Python
+    (imports, building the bridge, small ops), so two one-thread kernels on two cores finish well before the same
+    notebooks one after the other. Returns path -> the executed notebook, or the failure's text (the end of the
+    process's output) where a cell raised."""
+    import subprocess
+    import time
+
+    import nbformat
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running, results = list(paths), [], {}
+    while pending or running:
+        while pending and len(running) < workers:
+            path = pending.pop(0)
+            work = Path(workdir) / path.stem
+            work.mkdir(parents=True, exist_ok=True)
+            out = work / "executed.ipynb"
+            proc = subprocess.Popen([sys.executable, __file__, "--one", str(path), str(organism), str(work), str(out)],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running.append((path, proc, out))
+        for item in [r for r in running if r[1].poll() is not None]:
+            path, proc, out = item
+            running.remove(item)
+            log = proc.stdout.read()
+            proc.stdout.close()
+            results[path] = nbformat.read(out, as_version=4) if proc.returncode == 0 else \
+                f"{path.name} failed (exit {proc.returncode}):\n{log[-4000:]}"
+        time.sleep(0.2)
+    return results
+
+
 def save(nb, path: str | Path) -> None:
     """Write ``nb`` over ``path`` whole or not at all."""
     import nbformat
@@ -92,6 +128,12 @@ def save(nb, path: str | Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--one"]:  # execute_many's worker: NOTEBOOK ORGANISM WORKDIR OUT
+        import nbformat
+
+        path, organism, work, out = argv[1:5]
+        nbformat.write(execute(path, organism, work), out)
+        return 0
     from mechun.organism.train import DEFAULT_PRESET, cached_organism
 
     paths = [Path(a) for a in argv] or notebooks()

@@ -27,11 +27,20 @@ def test_committed_notebook_has_clean_outputs(path):
     assert not noise(nb)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_cleanly(path, tiny_organism_dir, tmp_path):
-    from execute import execute
+@pytest.fixture(scope="session")
+def executed_notebooks(request, tiny_organism_dir, tmp_path_factory) -> dict:
+    """The selected notebooks, executed on the tiny organism two at a time (:func:`execute.execute_many`)."""
+    from execute import execute_many
 
-    nb = execute(path, tiny_organism_dir, tmp_path)
+    chosen = [item.callspec.params["path"] for item in request.session.items
+              if item.originalname == "test_notebook_executes_cleanly"]
+    return execute_many(chosen, tiny_organism_dir, tmp_path_factory.mktemp("notebooks"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_cleanly(path, executed_notebooks):
+    nb = executed_notebooks[path]
+    assert not isinstance(nb, str), nb
     assert not noise(nb)
 
 
