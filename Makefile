@@ -61,17 +61,17 @@ notebooks: $(LAB_STAMP)
 	$(PY) notebooks/execute.py
 
 # Every analysis in full on the main organism (seed 0), and the organism report for organism seeds 0-2, each into
-# $(RESULTS)/NAME with a line of timing: what the README's numbers come from. About two hours on 2 cores with the
+# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. About two hours on 2 cores with the
 # organisms cached (each main organism trains once per machine on first use, ~13 min).
 RESULTS ?= runs/results
 ANALYSES := rmu-shallow localized-editing sae-unlearning depth edit-specificity restore depth-benchmark
 results: $(STAMP)
 	mkdir -p $(RESULTS); set -e; for a in $(ANALYSES); do \
 		start=$$(date +%s); $(VENV)/bin/mechun reproduce $$a --out $(RESULTS)/$$a --overwrite; \
-		echo "$$a: $$(( $$(date +%s) - start )) s" | tee -a $(RESULTS)/timings.txt; done; \
+		echo "$$a: $$(( $$(date +%s) - start )) s"; done; \
 	for s in 0 1 2; do \
 		start=$$(date +%s); $(VENV)/bin/mechun reproduce organism --seed $$s --out $(RESULTS)/organism-seed$$s --overwrite; \
-		echo "organism seed $$s: $$(( $$(date +%s) - start )) s" | tee -a $(RESULTS)/timings.txt; done
+		echo "organism seed $$s: $$(( $$(date +%s) - start )) s"; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mechun tests analyses benchmarks

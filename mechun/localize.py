@@ -196,11 +196,16 @@ def _check_hook(hook: str) -> None:
         raise MechunError(f"hook must be one of {PATCH_HOOKS}, got {hook!r}")
 
 
-def _write_hook(hook: HookKind) -> HookKind:
+def _write_hook(hook: str) -> str:
     """Where a patch of ``hook`` is written. resid_mid is written through the attention output (attn_out := clean
     resid_mid - corrupt resid_pre): the bridge's ``hook_resid_mid`` sits at the MLP norm's *input*, and the decoder
     layer keeps its own reference to the residual, so a value written there reaches the MLP but not the stream."""
     return "attn_out" if hook == "resid_mid" else hook
+
+
+def _site_name(model: Model, kind: str, layer: int) -> str:
+    """The hook point of a patch kind: a :data:`HookKind`, or ``"z"`` for a head's output (``attn.hook_z``)."""
+    return f"blocks.{layer}.attn.hook_z" if kind == "z" else hook_name(model, kind, layer)
 
 
 def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, "1 pos"], metric: Metric,
@@ -215,16 +220,13 @@ def _partial_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor,
     check_last_position(metric, engine.logits)
     corrupt_metric = float(metric_values(metric, engine.logits)[0])
 
-    def name(kind: str, layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_z" if kind == "z" else hook_name(model, kind, layer)
-
-    sites = {layer: bare_module(model, name(_write_hook(hook) if hook != "z" else hook, layer)) for layer in layers}
+    sites = {layer: bare_module(model, _site_name(model, _write_hook(hook), layer)) for layer in layers}
     clean: dict[int, Tensor] = {}
 
     def keep(layer: int):
         return lambda act: clean.__setitem__(layer, act[0].clone())
 
-    clean_metric = float(tapped_metric(model, ids_c, {name(hook, layer): keep(layer) for layer in layers},
+    clean_metric = float(tapped_metric(model, ids_c, {_site_name(model, hook, layer): keep(layer) for layer in layers},
                                        metric).float()[0])
     if hook == "resid_mid":  # written through attn_out: the value that makes the stream clean_mid at (layer, pos)
         clean = {layer: clean[layer] - engine.inputs[layer][0] for layer in layers}
@@ -252,9 +254,6 @@ def _bridge_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, 
     dev, n_pos = model_device(model), ids_x.shape[1]
     per_head = n_heads is not None
 
-    def name(kind: str, layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_z" if kind == "z" else hook_name(model, kind, layer)
-
     def shaped(act: Tensor) -> Tensor:  # the bridge passes z flattened (batch pos heads*d_head)
         return act.reshape(*act.shape[:2], n_heads, -1) if per_head and act.ndim == 3 else act
 
@@ -262,10 +261,10 @@ def _bridge_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, 
         return lambda act: store.__setitem__(layer, shaped(act)[0].clone())
 
     clean: dict[int, Tensor] = {}
-    with hooks(model, [(name(hook, layer), keep(clean, layer)) for layer in layers]):
+    with hooks(model, [(_site_name(model, hook, layer), keep(clean, layer)) for layer in layers]):
         clean_metric = float(metric_values(metric, model(ids_c.to(dev)))[0])
     corrupt_pre: dict[int, Tensor] = {}
-    with hooks(model, [(name("resid_pre", layer), keep(corrupt_pre, layer))
+    with hooks(model, [(_site_name(model, "resid_pre", layer), keep(corrupt_pre, layer))
                        for layer in (layers if hook == "resid_mid" else [])]):
         corrupt_logits = model(ids_x.to(dev))
     check_last_position(metric, corrupt_logits)
@@ -291,7 +290,7 @@ def _bridge_sweep(model: Model, ids_c: Int[Tensor, "1 pos"], ids_x: Int[Tensor, 
                 return out.reshape(act.shape)
             return fn
 
-        with hooks(model, [(name(write, layers[li]), patch(li, e)) for li, e in by_layer.items()]):
+        with hooks(model, [(_site_name(model, write, layers[li]), patch(li, e)) for li, e in by_layer.items()]):
             scores[start:start + len(chunk)] = metric_values(
                 metric, model(ids_x.expand(len(chunk), -1).to(dev))).cpu()
     shape = (len(layers), n_pos, n_heads) if per_head else (len(layers), n_pos)
