@@ -173,6 +173,20 @@ def test_depth_card_for_an_inference_time_intervention(tiny_model, tiny_world):
     assert json.dumps(DepthCard.from_json(json.loads(text)).to_json(), sort_keys=True) == text
     again = type(agg).from_json(json.loads(json.dumps(agg.to_json())))
     assert json.dumps(again.to_json(), sort_keys=True) == json.dumps(agg.to_json(), sort_keys=True)
+    # seeds whose junk layers differ: the mean card lists them (a mean layer names no layer), numbers still average
+    from mechun.depth.verdict import _recovery_claims
+
+    one, other = json.loads(text), json.loads(text)
+    for c in (one, other):
+        c["junk"]["recovery_by_format"][card.primary_format] = 0.5
+    other["junk"]["layer"], other["config"]["seed"] = card.junk.layer + 1, card.config["seed"] + 1
+    other["cka"]["forget"][1] = 0.0
+    mixed = aggregate_cards([DepthCard.from_json(one), DepthCard.from_json(other)])
+    assert mixed.mean.junk.layer == [card.junk.layer, card.junk.layer + 1]
+    assert mixed.mean.config["seed"] == [card.config["seed"], card.config["seed"] + 1]
+    assert math.isclose(mixed.mean.cka.forget[1], card.cka.forget[1] / 2)
+    claims = " ".join(sum(_recovery_claims(mixed.mean), []))
+    assert f"from layers {card.junk.layer} / {card.junk.layer + 1} (per seed) on restores 50%" in claims
 
 
 def test_reproduce_depth_quick_compares_methods_over_seeds(tiny_organism_dir, tmp_path):

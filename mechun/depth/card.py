@@ -103,7 +103,7 @@ class Behaviour(_JSON):
 
 @dataclass
 class JunkSection(_JSON):
-    layer: Num
+    layer: int | list[int]  # a seed-mean card lists each seed's layer where they differ
     norm_ratio_forget: list[float]
     norm_ratio_retain: list[float]
     cos_with_steering: list[float] | None  # per layer; None when the steering vector is unknown
@@ -208,9 +208,15 @@ def summary_row(card: DepthCard) -> dict[str, float]:
     return row
 
 
+#: Keys whose numbers name something (a layer, a seed) rather than measure it: kept when equal, else listed, never
+#: averaged (a mean junk layer of 0.67 names no layer).
+_IDENTITY_KEYS = frozenset({"layer", "seed"})
+
+
 def _tree_mean(items: Sequence[Any]) -> Any:
     """Elementwise mean of structurally equal JSON trees: numbers averaged (NaN ignored), lists of equal length
-    element by element, dicts key by key; other leaves kept when equal across items, else listed."""
+    element by element, dicts key by key; other leaves, and the numbers under :data:`_IDENTITY_KEYS`, kept when
+    equal across items, else listed."""
     first = items[0]
     if isinstance(first, bool) or first is None or isinstance(first, str):
         return first if all(x == first for x in items) else list(items)
@@ -220,8 +226,9 @@ def _tree_mean(items: Sequence[Any]) -> Any:
         vals = [float(x) for x in items if x is not None and not (isinstance(x, float) and math.isnan(x))]
         return statistics.fmean(vals) if vals else float("nan")
     if isinstance(first, Mapping):
-        return {k: _tree_mean([x[k] for x in items]) for k in first if all(isinstance(x, Mapping) and k in x
-                                                                            for x in items)}
+        return {k: (_tree_mean([x[k] for x in items]) if k not in _IDENTITY_KEYS
+                    else first[k] if all(x[k] == first[k] for x in items) else [x[k] for x in items])
+                for k in first if all(isinstance(x, Mapping) and k in x for x in items)}
     if isinstance(first, (list, tuple)):
         if all(isinstance(x, (list, tuple)) and len(x) == len(first) for x in items):
             return [_tree_mean([x[i] for x in items]) for i in range(len(first))]

@@ -37,8 +37,11 @@ def _recovery_claims(card: DepthCard) -> tuple[list[str], list[str]]:
     rec = card.junk.recovery_by_format[primary]
     if not _nan(rec):
         what = "a single direction hides it" if rec >= HIDDEN else "no single direction hides it"
+        layer = card.junk.layer
+        where = (f"layer {layer}" if not isinstance(layer, list)
+                 else f"layers {' / '.join(map(str, layer))} (per seed)")
         (hidden if rec >= HIDDEN else removed).append(
-            f"{what} (ablating the junk direction from layer {card.junk.layer} on restores {rec:.0%} of "
+            f"{what} (ablating the junk direction from {where} on restores {rec:.0%} of "
             f"the forgotten {primary} accuracy)")
     pr = card.probes
     if isinstance(pr, ProbeSection) and not _nan(pr.retained_share):

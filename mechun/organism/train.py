@@ -56,8 +56,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(subjects_per_domain=6, n_layer=3, d_model=64, n_head=4, steps=560, batch_size=16, seq_len=64,
                    lr=8e-3, statements_per_fact=4, mcq_per_fact=1, n_filler=30),
     # The main organism: 6 domains x 64 subjects x 3 relations (1,152 facts); trained once per machine (cached).
-    # 1,800 steps (~13.5 min on 2 cores): at 1,300 one seed of three stopped below 0.98 recall in a domain and its
-    # held-out-subject probes below 0.8; 1,700 still sat at that edge on the seed that failed.
+    # 1,800 steps (8-13.5 min on 2 cores, by machine): at 1,300 one seed of three stopped below 0.98 recall in a
+    # domain and its held-out-subject probes below 0.8; 1,700 still sat at that edge on the seed that failed.
     "main": Preset(subjects_per_domain=64, n_layer=4, d_model=128, n_head=4, steps=1800, batch_size=32,
                    seq_len=128, lr=3e-3, statements_per_fact=2, mcq_per_fact=2, explained_per_fact=1,
                    answer_weight=5.0),
