@@ -61,8 +61,9 @@ notebooks: $(LAB_STAMP)
 	$(PY) notebooks/execute.py
 
 # Every analysis in full on the main organism (seed 0), and the organism report for organism seeds 0-2, each into
-# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. About two hours on 2 cores with the
-# organisms cached (each main organism trains once per machine on first use, ~13 min).
+# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. 65 min on
+# a 2-core machine from a cold cache (49 min for the analyses, 8 of them training the organism and 7 the retain
+# oracle; 16 min for the organism reports, 13 of them training seeds 1 and 2), about twice that on a slower one.
 RESULTS ?= runs/results
 ANALYSES := rmu-shallow localized-editing sae-unlearning depth edit-specificity restore depth-benchmark
 results: $(STAMP)
