@@ -180,13 +180,22 @@ def test_depth_card_for_an_inference_time_intervention(tiny_model, tiny_world):
     for c in (one, other):
         c["junk"]["recovery_by_format"][card.primary_format] = 0.5
     other["junk"]["layer"], other["config"]["seed"] = card.junk.layer + 1, card.config["seed"] + 1
+    one["config"]["junk_layer"], other["config"]["junk_layer"] = 1, 2
     other["cka"]["forget"][1] = 0.0
     mixed = aggregate_cards([DepthCard.from_json(one), DepthCard.from_json(other)])
     assert mixed.mean.junk.layer == [card.junk.layer, card.junk.layer + 1]
     assert mixed.mean.config["seed"] == [card.config["seed"], card.config["seed"] + 1]
+    assert mixed.mean.config["junk_layer"] == [1, 2]
     assert math.isclose(mixed.mean.cka.forget[1], card.cka.forget[1] / 2)
     claims = " ".join(sum(_recovery_claims(mixed.mean), []))
     assert f"from layers {card.junk.layer} / {card.junk.layer + 1} (per seed) on restores 50%" in claims
+    # cards of different methods or base models are not seeds of one thing: refused, naming the difference
+    other["method"] = "npo"
+    with pytest.raises(MechunError, match=r"differ in method \('steer' vs 'npo'\)"):
+        aggregate_cards([DepthCard.from_json(one), DepthCard.from_json(other)])
+    other["method"], other["fingerprints"]["base"] = "steer", "0" * 24
+    with pytest.raises(MechunError, match="differ in base model"):
+        aggregate_cards([DepthCard.from_json(one), DepthCard.from_json(other)])
 
 
 def test_reproduce_depth_quick_compares_methods_over_seeds(tiny_organism_dir, tmp_path):

@@ -210,25 +210,29 @@ def summary_row(card: DepthCard) -> dict[str, float]:
 
 #: Keys whose numbers name something (a layer, a seed) rather than measure it: kept when equal, else listed, never
 #: averaged (a mean junk layer of 0.67 names no layer).
-_IDENTITY_KEYS = frozenset({"layer", "seed"})
+_IDENTITY_KEYS = frozenset({"layer", "junk_layer", "seed"})
+
+
+def _same_or_listed(items: Sequence[Any]) -> Any:
+    """The items' common value, or all of them in a list where they differ."""
+    return items[0] if all(x == items[0] for x in items) else list(items)
 
 
 def _tree_mean(items: Sequence[Any]) -> Any:
     """Elementwise mean of structurally equal JSON trees: numbers averaged (NaN ignored), lists of equal length
-    element by element, dicts key by key; other leaves, and the numbers under :data:`_IDENTITY_KEYS`, kept when
+    element by element, dicts key by key; other leaves, and the values under :data:`_IDENTITY_KEYS`, kept when
     equal across items, else listed."""
     first = items[0]
     if isinstance(first, bool) or first is None or isinstance(first, str):
-        return first if all(x == first for x in items) else list(items)
+        return _same_or_listed(items)
     if isinstance(first, int) and all(type(x) is int and x == first for x in items):
-        return first  # layer numbers, step counts: keep them integers
+        return first  # step counts equal across seeds: keep them integers
     if isinstance(first, (int, float)):
         vals = [float(x) for x in items if x is not None and not (isinstance(x, float) and math.isnan(x))]
         return statistics.fmean(vals) if vals else float("nan")
     if isinstance(first, Mapping):
-        return {k: (_tree_mean([x[k] for x in items]) if k not in _IDENTITY_KEYS
-                    else first[k] if all(x[k] == first[k] for x in items) else [x[k] for x in items])
-                for k in first if all(isinstance(x, Mapping) and k in x for x in items)}
+        keys = [k for k in first if all(isinstance(x, Mapping) and k in x for x in items)]
+        return {k: (_same_or_listed if k in _IDENTITY_KEYS else _tree_mean)([x[k] for x in items]) for k in keys}
     if isinstance(first, (list, tuple)):
         if all(isinstance(x, (list, tuple)) and len(x) == len(first) for x in items):
             return [_tree_mean([x[i] for x in items]) for i in range(len(first))]
@@ -272,6 +276,13 @@ def aggregate_cards(cards: Sequence[DepthCard]) -> SeedMeanCard:
 
     if not cards:
         raise MechunError("no cards to aggregate")
+    for what, values in (("method", [c.method for c in cards]), ("forget domain", [c.forget_domain for c in cards]),
+                         ("primary format", [c.primary_format for c in cards]),
+                         ("base model", [c.fingerprints.get("base") for c in cards])):
+        other = next((v for v in values if v != values[0]), values[0])
+        if other != values[0]:
+            raise MechunError(f"the cards differ in {what} ({values[0]!r} vs {other!r}); a seed mean takes the "
+                              "cards of one method, base model and forget domain -- aggregate each group on its own")
     mean = DepthCard.from_json(_tree_mean([{k: v for k, v in c.to_json().items() if k != "verdict"}
                                            for c in cards]))
     mean.verdict = verdict(mean)
