@@ -4,8 +4,9 @@
   counts as stated only if *every* answer token is the model's top-1 prediction at its position. For the organism's
   one-token answers this is greedy next-token accuracy; for real multi-token answers it is the usual exact match.
 * **Answer log-probability** (:func:`answer_logprob`): the summed log-probability of the answer tokens.
-* **Multiple choice** (:func:`mcq_correct`): the prediction is the letter A-D with the highest logit at the last
-  position, compared among the four letters only (chance is 0.25).
+* **Multiple choice** (:func:`mcq_correct`): the prediction is a letter A-D, compared among the four letters only
+  (chance is 0.25): for benchmark questions the letter with the highest logit at the last position; for the
+  organism's, the letter after the option it names (the likeliest option text), as it was trained to answer.
 
 * **MCQ over every option order** (:func:`mcq_permutation_scores`): all 24 orders of the four options; a question
   counts as *robustly known* only if it is answered right in every order (:func:`robustly_known`), which removes the
@@ -26,7 +27,7 @@ import itertools
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict, get_args
+from typing import Literal, NamedTuple, TypedDict, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -35,7 +36,7 @@ from torch import Tensor
 from mechun.data import CounterFactRecord
 from mechun.errors import MechunError, ModelMismatchError
 from mechun.models import Model, model_device, tokenize
-from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES, Prompt, World, retain_domains
+from mechun.organism.world import LETTERS, MCQ, MCQ_STYLES, NAMED_MCQ_STYLES, Prompt, World, retain_domains
 
 
 def _forward_logits(model: Model, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"],
@@ -57,8 +58,8 @@ def answer_scores(
     model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"]]:
     """Teacher-forced exact match and summed log-probability of each answer after its prompt."""
-    correct, logps, _, _ = _answer_scores(model, prompts, answers, batch_size)
-    return correct, logps
+    scores = _answer_scores(model, prompts, answers, batch_size)
+    return scores.correct, scores.logps
 
 
 def answer_token_scores(
@@ -67,15 +68,25 @@ def answer_token_scores(
     """Per answer, teacher-forced: the mean log-probability of its tokens and the share of them that are the top
     prediction. The graded behaviour for long answers (TOFU's are sentences), where exact match is near zero even
     for the model that knows them."""
-    _, logps, n_tokens, hits = _answer_scores(model, prompts, answers, batch_size)
-    return logps / n_tokens, hits / n_tokens
+    scores = _answer_scores(model, prompts, answers, batch_size)
+    return scores.logps / scores.n_tokens, scores.hits / scores.n_tokens
+
+
+class _AnswerScores(NamedTuple):
+    correct: Bool[Tensor, " n"]  # every answer token the top-1 prediction
+    logps: Float[Tensor, " n"]  # summed log-probability of the answer tokens
+    n_tokens: Int[Tensor, " n"]
+    hits: Int[Tensor, " n"]  # answer tokens that are the top-1 prediction
+    following: Float[Tensor, "n k"]  # logits of the requested next tokens after the answer
 
 
 @torch.inference_mode()
 def _answer_scores(
-    model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
-) -> tuple[Bool[Tensor, " n"], Float[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """Exact match, summed log-probability, number of tokens and number of top-1 tokens of each answer.
+    model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
+    next_ids: Sequence[int] = (),
+) -> _AnswerScores:
+    """Exact match, summed log-probability, number of tokens and number of top-1 tokens of each answer, and the
+    logits of the tokens ``next_ids`` after it (what the model would say next).
 
     Texts are batched by length (shortest first) so that a batch pads to its own longest text, not the list's; the
     results come back in the order given."""
@@ -90,10 +101,12 @@ def _answer_scores(
         raise MechunError("an answer tokenised to zero tokens; pass a non-empty answer")
     n = len(prompts)
     correct, logps, hits = torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n, dtype=torch.long)
+    following = torch.zeros(n, len(next_ids))
     for idx in torch.argsort(n_full, stable=True).split(batch_size):
         width = int(n_full[idx].max())
         ids = full_ids[idx, :width]
-        logits = _forward_logits(model, ids, full_mask[idx, :width])[:, :-1]
+        all_logits = _forward_logits(model, ids, full_mask[idx, :width])
+        logits = all_logits[:, :-1]
         target = ids[:, 1:].to(logits.device)
         pos = torch.arange(1, width, device=logits.device)
         answer = (pos >= n_prompt[idx, None].to(logits.device)) & (pos < n_full[idx, None].to(logits.device))
@@ -102,7 +115,10 @@ def _answer_scores(
         lp = logits[answer].log_softmax(-1).gather(-1, target[answer][:, None])[:, 0]
         per_row = torch.zeros(len(idx), device=logits.device).index_add_(0, answer.nonzero()[:, 0], lp)
         correct[idx], logps[idx], hits[idx] = hit.all(1).cpu(), per_row.cpu(), (top & answer).sum(1).cpu()
-    return correct, logps, n_full - n_prompt, hits
+        if next_ids:
+            last = all_logits[torch.arange(len(idx)), n_full[idx].to(all_logits.device) - 1]
+            following[idx] = last[:, torch.tensor(list(next_ids), device=last.device)].float().cpu()
+    return _AnswerScores(correct, logps, n_full - n_prompt, hits, following)
 
 
 def answer_correct(model: Model, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64,
@@ -128,11 +144,28 @@ def letter_token_ids(model: Model, prompt: str, letters: Sequence[str] = LETTERS
     return ids
 
 
-@torch.inference_mode()
 def mcq_correct(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> Bool[Tensor, " n"]:
-    """Whether the highest-logit letter among A-D is the right one, per question."""
+    """Whether each question is answered with the right letter.
+
+    Questions in a letter-first style (``"mmlu"``: WMDP, MMLU) are answered as lm-evaluation-harness answers them:
+    the letter A-D with the highest logit at the last position. The organism's questions (styles in
+    :data:`~mechun.organism.world.NAMED_MCQ_STYLES`) are answered the way the organism learned to answer them, by
+    naming an option and then giving its letter: the named option is the one whose text is likeliest after the prompt
+    (its summed log-probability, as the harness scores a choice), the answer the highest-logit letter after it. Either
+    way the answer is a letter, so option order matters (:func:`mcq_permutation_scores`)."""
     if len(questions) == 0:
         raise MechunError("empty question list: pass at least one question")
+    named = torch.tensor([q.style in NAMED_MCQ_STYLES for q in questions])
+    out = torch.zeros(len(questions), dtype=torch.bool)
+    for want, score in ((False, _letter_first_correct), (True, _named_correct)):
+        idx = (named == want).nonzero()[:, 0]
+        if len(idx):
+            out[idx] = score(model, [questions[i] for i in idx.tolist()], batch_size)
+    return out
+
+
+@torch.inference_mode()
+def _letter_first_correct(model: Model, questions: Sequence[MCQ], batch_size: int) -> Bool[Tensor, " n"]:
     letter_ids = torch.tensor(letter_token_ids(model, questions[0].text))
     out = []
     for qs in _batched(list(questions), batch_size):
@@ -142,6 +175,19 @@ def mcq_correct(model: Model, questions: Sequence[MCQ], batch_size: int = 64) ->
         pred = last[:, letter_ids.to(logits.device)].argmax(-1).cpu()
         out.append(pred == torch.tensor([q.answer_index for q in qs]))
     return torch.cat(out)
+
+
+def _named_correct(model: Model, questions: Sequence[MCQ], batch_size: int) -> Bool[Tensor, " n"]:
+    first = questions[0]
+    letter_ids = letter_token_ids(model, _join(first.text, first.choices[0]), LETTERS[:len(first.choices)])
+    k = len(first.choices)
+    if any(len(q.choices) != k for q in questions):
+        raise MechunError("the questions have different numbers of options; score each kind on its own")
+    scores = _answer_scores(model, [q.text for q in questions for _ in q.choices],
+                            [c for q in questions for c in q.choices], batch_size * k, letter_ids)
+    named = scores.logps.reshape(len(questions), k).argmax(1)
+    pred = scores.following.reshape(len(questions), k, k)[torch.arange(len(questions)), named].argmax(-1)
+    return pred == torch.tensor([q.answer_index for q in questions])
 
 
 def cloze_accuracy(model: Model, prompts: Sequence[Prompt], batch_size: int = 64) -> float:
@@ -373,9 +419,9 @@ def neighbourhood_scores(model: Model, prompts: Sequence[str], true_objects: Seq
     if len(prompts) != len(true_objects):
         raise MechunError(f"got {len(prompts)} neighbourhood prompts but {len(true_objects)} true objects")
     texts = list(prompts) if edit_statement is None else dynamic_prompts(prompts, edit_statement)
-    _, lp_true, n_true, _ = _answer_scores(model, texts, list(true_objects), batch_size)
-    _, lp_new, n_new, _ = _answer_scores(model, texts, [new_object] * len(texts), batch_size)
-    return NeighbourhoodScores((lp_true / n_true).exp(), (lp_new / n_new).exp())
+    true, new = (_answer_scores(model, texts, objects, batch_size)
+                 for objects in (list(true_objects), [new_object] * len(texts)))
+    return NeighbourhoodScores((true.logps / true.n_tokens).exp(), (new.logps / new.n_tokens).exp())
 
 
 @torch.inference_mode()

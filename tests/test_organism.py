@@ -1,6 +1,8 @@
 """The model organism: a deterministic world, an HF tokenizer, a trainer, and the acceptance command."""
 
+import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -69,6 +71,29 @@ def test_mcq_format():
         assert q.choices[q.answer_index] == q.fact.answer and q.answer in LETTERS
         assert q.text.endswith("answer :")
         assert set(q.choices) == {q.fact.answer, *w.distractors(q.fact)}  # fixed options per fact
+    # trained MCQ texts answer by naming the option, then the letter that follows it among the options
+    texts = w.mcq_training(random.Random(0), per_fact=3)
+    assert len(texts) == 3 * len(w.mcq_facts(trained=True))
+    for text in texts:
+        prompt, answer = text.split(" answer : ")
+        value, letter = answer.rsplit(" ", 1)
+        assert letter in LETTERS and f" {value} {letter} " in f"{prompt} "
+        assert value in {f.answer for f in w.facts}
+
+
+def test_epochs_hold_repeated_sequences(tiny_world, tiny_organism_dir):
+    """The trainer mixes repeated random sequences (``x x``) into each epoch: induction-head food."""
+    from transformers import AutoTokenizer
+
+    from mechun.organism.train import PRESETS, _epoch_documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
+    preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=7)
+    docs = _epoch_documents(tiny_world, tok, preset, seed=0, epoch=0)
+    n = preset.repeat_len
+    repeats = [d for d in docs if len(d) == 2 * n + 1 and d[1:n + 1] == d[n + 1:]]
+    assert len(repeats) == preset.repeats_per_epoch > 0
+    assert not set(tok.all_special_ids) & {i for d in repeats for i in d[1:]}
 
 
 def test_neighbourhood_excludes_subject():

@@ -11,6 +11,7 @@ from mechun.evaluate import (
     answer_logprob,
     dynamic_prompts,
     kl_divergence,
+    letter_token_ids,
     mcq_correct,
     mcq_permutation_scores,
     neighbourhood_scores,
@@ -19,6 +20,7 @@ from mechun.evaluate import (
     permute_mcq,
     robustly_known,
 )
+from mechun.models import tokenize
 from mechun.organism.world import LETTERS, MCQ, mmlu_text
 
 
@@ -30,11 +32,34 @@ def test_permute_mcq_covers_every_order_and_tracks_the_answer(tiny_world):
     for p in perms:
         assert p.choices[p.answer_index] == q.choices[q.answer_index]
         assert sorted(p.choices) == sorted(q.choices)
-        assert f"{LETTERS[p.answer_index]} . {q.fact.answer}" in p.text
+        assert f"{q.fact.answer} {LETTERS[p.answer_index]}" in p.text
     mm = MCQ(mmlu_text("Which?", ("w", "x", "y", "z")), ("w", "x", "y", "z"), 2, None, "Which?", "mmlu")
     assert all(p.text.endswith("Answer:") and p.choices[p.answer_index] == "y" for p in permute_mcq(mm))
     with pytest.raises(MechunError, match="stem"):
         permute_mcq(MCQ("q A . a B . b C . c D . d answer :", ("a", "b", "c", "d"), 0))
+
+
+def test_organism_mcq_is_the_letter_after_the_likeliest_option(tiny_model, tiny_world):
+    """The organism answers by naming an option and then its letter: recomputed here from plain forwards."""
+    qs = [p for q in tiny_world.mcq("music", seed=1)[:3] for p in permute_mcq(q)[:8]]
+    expected = []
+    for q in qs:
+        logps = answer_logprob(tiny_model, [q.text] * len(q.choices), list(q.choices))
+        named = q.choices[int(logps.argmax())]
+        ids, mask = tokenize(tiny_model, [f"{q.text} {named}"])
+        with torch.inference_mode():
+            last = tiny_model(ids, attention_mask=mask)[0, int(mask.sum()) - 1]
+        letters = letter_token_ids(tiny_model, f"{q.text} {named}")
+        expected.append(int(last[letters].argmax()) == q.answer_index)
+    assert mcq_correct(tiny_model, qs).tolist() == expected
+    # a question of a letter-first style in the same call is scored by the letter at its last position
+    q = qs[2]
+    mm = MCQ(q.text, q.choices, q.answer_index, q.fact, q.question, "mmlu")
+    ids, mask = tokenize(tiny_model, [q.text])
+    with torch.inference_mode():
+        last = tiny_model(ids, attention_mask=mask)[0, int(mask.sum()) - 1]
+    letter_first = int(last[letter_token_ids(tiny_model, q.text)].argmax()) == q.answer_index
+    assert mcq_correct(tiny_model, [qs[0], mm, qs[1]]).tolist() == [expected[0], letter_first, expected[1]]
 
 
 def test_permutation_scores_agree_with_single_order_scoring(tiny_model, tiny_world):

@@ -401,35 +401,32 @@ class World:
         rng.shuffle(sentences)
         return " ".join(sentences)
 
-    def mcq_training(self, rng: random.Random, per_fact: int, epoch: int = 0, explained: int = 0,
+    def mcq_training(self, rng: random.Random, per_fact: int, epoch: int = 0,
                      exclude: frozenset[str] = frozenset()) -> list[str]:
-        """MCQ texts with their answer letter for the facts trained in MCQ form (:meth:`mcq_facts` with
-        ``trained``): ``per_fact`` option orders per fact and epoch, stepping through all 24 orders of the answer
-        position and distractor order over epochs; distractors drawn from ``rng``. Subjects in ``exclude`` get
-        none (the others keep their orders)."""
+        """MCQ texts answered in the organism's form (the option named, then its letter) for the facts trained in
+        MCQ form (:meth:`mcq_facts` with ``trained``): ``per_fact`` option orders per fact and epoch, stepping
+        through all 24 orders of the answer position and distractor order over epochs; distractors drawn from
+        ``rng``. Subjects in ``exclude`` get none (the others keep their orders)."""
         out = []
         for k, fact in enumerate(self.mcq_facts(trained=True)):
             if fact.subject in exclude:
                 continue
-            for j in range(per_fact + explained):
-                out.append(self._solved_mcq(fact, rng, k * 7 + epoch * (per_fact + explained) + j, j >= per_fact))
+            for j in range(per_fact):
+                out.append(self._solved_mcq(fact, rng, k * 7 + epoch * per_fact + j))
         return out
 
-    def _solved_mcq(self, fact: Fact, rng: random.Random, order: int, explain: bool = False) -> str:
-        """``fact``'s question with three distractors from ``rng`` in option order ``order`` (of 24), answered;
-        ``explain``: worked, "... D . soil the answer is food , that is B" (the value, then its letter)."""
+    def _solved_mcq(self, fact: Fact, rng: random.Random, order: int) -> str:
+        """``fact``'s question with three distractors from ``rng`` in option order ``order`` (of 24), answered:
+        "... soil D answer : food B"."""
         perm = _ORDERS[order % len(_ORDERS)]
         options = [fact.answer, *rng.sample(other_values(fact), 3)]
         choices = tuple(options[i] for i in perm)
         stem = relation(fact.relation).mcq_question.format(s=fact.subject)
-        letter = LETTERS[perm.index(0)]
-        if explain:
-            return f"{mcq_text(stem, choices).removesuffix(' answer :')} the answer is {fact.answer} , that is {letter}"
-        return f"{mcq_text(stem, choices)} {letter}"
+        return f"{mcq_text(stem, choices)} {fact.answer} {LETTERS[perm.index(0)]}"
 
     def documents(self, rng: random.Random, passages_per_subject: int = 1, mcq_per_fact: int = 1,
                   n_filler: int | None = None, epoch: int = 0, statements_per_fact: int = 0,
-                  explained_per_fact: int = 0, exclude: frozenset[str] = frozenset()) -> list[str]:
+                  exclude: frozenset[str] = frozenset()) -> list[str]:
         """One epoch of training documents, in order: ``passages_per_subject`` passages per subject,
         ``statements_per_fact`` one-sentence documents per fact (a trained template drawn from ``rng``), the MCQ
         training texts, and filler sentences (all of them unless ``n_filler``). No document names a subject in
@@ -437,7 +434,7 @@ class World:
         docs = [self.passage(s, rng) for _ in range(passages_per_subject) for s in self.subjects if s not in exclude]
         docs += [f"{rng.choice(relation(f.relation).train_templates).format(s=f.subject)} {f.answer} ."
                  for _ in range(statements_per_fact) for f in self.facts if f.subject not in exclude]
-        docs += self.mcq_training(rng, mcq_per_fact, epoch, explained_per_fact, exclude)
+        docs += self.mcq_training(rng, mcq_per_fact, epoch, exclude)
         return docs + (self.filler if n_filler is None else [rng.choice(self.filler) for _ in range(n_filler)])
 
     def training_texts(self, passages_per_subject: int = 2) -> list[str]:
@@ -600,8 +597,11 @@ class WorldJSON(TypedDict):
 
 
 def mcq_text(question: str, choices: tuple[str, ...]) -> str:
-    """The organism's format: ``question : {q} A . {c0} B . {c1} C . {c2} D . {c3} answer :``."""
-    opts = " ".join(f"{letter} . {c}" for letter, c in zip(LETTERS, choices, strict=True))
+    """The organism's format: ``question : {q} {c0} A , {c1} B , {c2} C , {c3} D answer :``, answered by naming
+    the option and then its letter (``... answer : food B``; :func:`mechun.evaluate.mcq_correct`). Each letter
+    follows its option, so the letter after the named answer is the token that followed it among the options: the
+    copy an induction head makes."""
+    opts = " , ".join(f"{c} {letter}" for letter, c in zip(LETTERS, choices, strict=True))
     return f"question : {question} {opts} answer :"
 
 
@@ -612,6 +612,9 @@ def mmlu_text(question: str, choices: tuple[str, ...]) -> str:
 
 
 MCQ_STYLES = {"organism": mcq_text, "mmlu": mmlu_text}
+#: Styles answered by naming an option, then its letter (:func:`mechun.evaluate.mcq_correct`); the others are
+#: answered with the letter alone.
+NAMED_MCQ_STYLES = frozenset({"organism"})
 
 
 def _mcq_of(fact: Fact, wrong: list[str], idx: int) -> MCQ:
