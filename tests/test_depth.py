@@ -115,6 +115,9 @@ def test_depth_cli_writes_a_card_for_any_pair(rmu_dir, tiny_organism_dir, tmp_pa
     assert card["fingerprints"] == {"base": base_fp, "unlearned": unl_fp}
     beh = card["behaviour"]["forget"]
     assert beh["train"]["base"] > 0.95 and beh["train"]["unlearned"] < 0.6
+    all_orders = card["behaviour"]["mcq_all_orders"]  # counted over the questions asked: the never-MCQ'd facts
+    assert all_orders["n_questions"] == len(mechun.World.load(tiny_organism_dir).mcq("pathogen"))
+    assert 0 <= all_orders["n_robust_in_base"] <= all_orders["n_questions"]
     assert card["junk"]["layer"] == 1  # the peak of the norm ratio is RMU's layer
     assert card["junk"]["cos_with_steering"][1] > 0.9  # rmu.json's steering vector was found and used
     assert card["junk"]["recovery_by_format"]["train"] > 0.5

@@ -107,7 +107,6 @@ def _behaviour(base: Model, unlearned: Model, world: World, forget: str, interve
                                     _drop_share(acc_base[forget][f], acc_unl[forget][f], chance_accuracy(f)))
                   for f in FORMATS}
     all_orders = _mcq_all_orders(base, unlearned, world.mcq(forget, seed=1), intervention)
-    all_orders.n_questions = len(world.facts_of(forget))
     return Behaviour({"base": acc_base, "unlearned": acc_unl}, forget_acc, all_orders)
 
 
