@@ -51,8 +51,9 @@ class Preset:
     # Repeated random token sequences per epoch (``x x``, ``repeat_len`` tokens each, LM loss on all): practice at
     # the copy the MCQ letter is (the token that followed the named option). On the main preset, seed 0, 32
     # never-MCQ'd facts a domain: MCQ 0.83-0.97 by domain (all 24 orders: 0.75-0.94) with 400 an epoch, 0.73-0.93
-    # (0.69-0.88) without. The named-answer format is what makes MCQ learnable at all (trainer 3, letter first:
-    # chance).
+    # (0.69-0.88) without. Seeds 1 and 2 do not learn the copy in 1,800 steps (given the right option, the right
+    # letter for 0.32 / 0.20 of facts; MCQ at chance), nor does seed 1 with 1,200 sequences of 12 tokens: the
+    # named answer makes MCQ learnable (trainer 3, letter first: chance on every seed), not reliably learned.
     repeats_per_epoch: int = 0
     repeat_len: int = 10
 
