@@ -153,8 +153,7 @@ def mcq_correct(model: Model, questions: Sequence[MCQ], batch_size: int = 64) ->
     naming an option and then giving its letter: the named option is the one whose text is likeliest after the prompt
     (its summed log-probability, as the harness scores a choice), the answer the highest-logit letter after it. Either
     way the answer is a letter, so option order matters (:func:`mcq_permutation_scores`)."""
-    if len(questions) == 0:
-        raise MechunError("empty question list: pass at least one question")
+    _check_questions(questions)
     named = torch.tensor([q.style in NAMED_MCQ_STYLES for q in questions])
     out = torch.zeros(len(questions), dtype=torch.bool)
     for want, score in ((False, _letter_first_correct), (True, _named_correct)):
@@ -162,6 +161,23 @@ def mcq_correct(model: Model, questions: Sequence[MCQ], batch_size: int = 64) ->
         if len(idx):
             out[idx] = score(model, [questions[i] for i in idx.tolist()], batch_size)
     return out
+
+
+def _check_questions(questions: Sequence[MCQ]) -> None:
+    """One line naming the first question that cannot be scored: an unknown style, other than four options, or an
+    answer index that is not one of its options."""
+    if isinstance(questions, MCQ | str) or len(questions) == 0:
+        raise MechunError("pass a non-empty list of MCQ questions (World.mcq or mechun.data.load_mcq)")
+    for i, q in enumerate(questions):
+        where = f"question {i}" + (f" ({q.source})" if q.source else "")
+        if q.style not in MCQ_STYLES:
+            raise MechunError(f"{where} has the unknown MCQ style {q.style!r}; known: {sorted(MCQ_STYLES)}")
+        if len(q.choices) != len(LETTERS):
+            raise MechunError(f"{where} has {len(q.choices)} options; mechun's MCQ formats take exactly "
+                              f"{len(LETTERS)} (A-{LETTERS[-1]}), as WMDP and MMLU have")
+        if not 0 <= q.answer_index < len(q.choices):
+            raise MechunError(f"{where} has answer_index {q.answer_index} but {len(q.choices)} options; use 0 to "
+                              f"{len(q.choices) - 1}")
 
 
 @torch.inference_mode()
@@ -179,10 +195,8 @@ def _letter_first_correct(model: Model, questions: Sequence[MCQ], batch_size: in
 
 def _named_correct(model: Model, questions: Sequence[MCQ], batch_size: int) -> Bool[Tensor, " n"]:
     first = questions[0]
-    letter_ids = letter_token_ids(model, _join(first.text, first.choices[0]), LETTERS[:len(first.choices)])
+    letter_ids = letter_token_ids(model, _join(first.text, first.choices[0]))
     k = len(first.choices)
-    if any(len(q.choices) != k for q in questions):
-        raise MechunError("the questions have different numbers of options; score each kind on its own")
     scores = _answer_scores(model, [q.text for q in questions for _ in q.choices],
                             [c for q in questions for c in q.choices], batch_size * k, letter_ids)
     named = scores.logps.reshape(len(questions), k).argmax(1)
@@ -338,8 +352,7 @@ class PermutationScores:
 
 def mcq_permutation_scores(model: Model, questions: Sequence[MCQ], batch_size: int = 64) -> PermutationScores:
     """Score every question in every order of its options."""
-    if len(questions) == 0:
-        raise MechunError("empty question list: pass at least one question")
+    _check_questions(questions)
     perms = [permute_mcq(q) for q in questions]
     n_orders = len(perms[0])
     right = mcq_correct(model, [p for ps in perms for p in ps], batch_size).reshape(len(questions), n_orders)

@@ -263,7 +263,8 @@ class Prompt:
 class MCQ:
     """A multiple-choice question; the correct letter is ``LETTERS[answer_index]``.
 
-    ``text`` is the full prompt the model sees (ending where the answer letter goes); ``question`` is the bare stem
+    ``text`` is the full prompt the model sees (ending where the answer goes: the letter, or for the organism's
+    style the named option and then its letter; :func:`mechun.evaluate.mcq_correct`); ``question`` is the bare stem
     and ``style`` the name of the formatter in :data:`MCQ_STYLES` that turned stem and choices into ``text``, so the
     question can be re-rendered with its options in another order. ``fact`` is set for the organism's questions;
     ``source`` names the record a loaded question came from.
