@@ -1,5 +1,6 @@
 """Specificity and robustness metrics: MCQ over every option order, neighbourhood score/magnitude, NKL."""
 
+import dataclasses
 import math
 
 import pytest
@@ -62,16 +63,16 @@ def test_organism_mcq_is_the_letter_after_the_likeliest_option(tiny_model, tiny_
     assert mcq_correct(tiny_model, [qs[0], mm, qs[1]]).tolist() == [expected[0], letter_first, expected[1]]
 
 
-def test_mcq_scoring_names_a_bad_question_before_any_forward(tiny_model, tiny_world):
+def test_a_bad_mcq_is_refused_when_made_and_an_empty_list_when_scored(tiny_model, tiny_world):
     q = tiny_world.mcq("music", seed=1)[0]
-    cases = [([], "non-empty list"),
-             ([q, MCQ(q.text, q.choices, q.answer_index, q.fact, q.question, "wmdp")], "question 1 has the unknown MCQ style"),
-             ([MCQ(q.text, q.choices[:3], 0, q.fact, q.question)], "has 3 options; mechun's MCQ formats take exactly 4"),
-             ([MCQ(q.text, q.choices, 4, q.fact, q.question)], "answer_index 4 but 4 options")]
-    for questions, message in cases:
-        for score in (mcq_correct, mcq_permutation_scores):
-            with pytest.raises(MechunError, match=message):
-                score(tiny_model, questions)
+    for kwargs, message in (({"style": "wmdp"}, "unknown style 'wmdp'"),
+                            ({"choices": q.choices[:3], "answer_index": 0}, "has 3 options; mechun's MCQ formats take exactly 4"),
+                            ({"answer_index": 4}, "answer_index 4; use 0 to 3")):
+        with pytest.raises(MechunError, match=message):
+            dataclasses.replace(q, **kwargs)
+    for score in (mcq_correct, mcq_permutation_scores):
+        with pytest.raises(MechunError, match="non-empty list"):
+            score(tiny_model, [])
 
 
 def test_permutation_scores_agree_with_single_order_scoring(tiny_model, tiny_world):

@@ -278,6 +278,18 @@ class MCQ:
     style: str = "organism"
     source: str = ""
 
+    def __post_init__(self) -> None:
+        """One line naming what makes the question unscorable, at construction (every scorer and re-rendering
+        relies on it): an unknown style, other than four options, or an answer index that is not one of them."""
+        where = f"MCQ {self.source or repr(self.question or self.text)[:60]}"
+        if self.style not in MCQ_STYLES:
+            raise MechunError(f"{where} has the unknown style {self.style!r}; known: {sorted(MCQ_STYLES)}")
+        if len(self.choices) != len(LETTERS):
+            raise MechunError(f"{where} has {len(self.choices)} options; mechun's MCQ formats take exactly "
+                              f"{len(LETTERS)} (A-{LETTERS[-1]}), as WMDP and MMLU have")
+        if not 0 <= self.answer_index < len(self.choices):
+            raise MechunError(f"{where} has answer_index {self.answer_index}; use 0 to {len(self.choices) - 1}")
+
     @property
     def answer(self) -> str:
         return LETTERS[self.answer_index]
