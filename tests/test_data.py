@@ -102,7 +102,8 @@ def test_wmdp_jsonl_loads(wmdp_jsonl):
 
 def test_organism_style(wmdp_jsonl):
     q = load_mcq(wmdp_jsonl, style="organism")[0]
-    assert q.style == "organism" and q.text.startswith("question : Which agent") and q.text.endswith("answer :")
+    assert q.style == "organism" and q.text.startswith("question : Which agent")
+    assert q.text.endswith(f"answer : {q.question}")  # the organism's answer restates the question
 
 
 def test_mmlu_parquet_and_subject_filter(mmlu_parquet):

@@ -1,5 +1,6 @@
 """The model organism: a deterministic world, an HF tokenizer, a trainer, and the acceptance command."""
 
+import collections
 import dataclasses
 import json
 import random
@@ -12,7 +13,7 @@ from mechun import World
 from mechun.errors import MechunError, OutputError
 from mechun.organism.tokenizer import build_tokenizer
 from mechun.organism.train import train_organism
-from mechun.organism.world import DOMAINS, LETTERS, RELATIONS, relations
+from mechun.organism.world import DOMAINS, LETTERS, RELATIONS, relation, relations
 
 
 def test_world_is_deterministic_and_seed_dependent():
@@ -69,31 +70,62 @@ def test_mcq_format():
     for q in w.mcq("pathogen"):
         assert len(q.choices) == 4 and len(set(q.choices)) == 4
         assert q.choices[q.answer_index] == q.fact.answer and q.answer in LETTERS
-        assert q.text.endswith("answer :")
+        opts = " , ".join(f"{c} {letter}" for c, letter in zip(q.choices, LETTERS, strict=True))
+        assert q.question == f"{q.fact.subject} {relation(q.fact.relation).phrases[0]}"
+        assert q.text == f"question : {q.question} what ? {opts} answer : {q.question}"  # the answer restates it
         assert set(q.choices) == {q.fact.answer, *w.distractors(q.fact)}  # fixed options per fact
-    # trained MCQ texts answer by naming the option, then the letter that follows it among the options
+    # trained MCQ texts answer by restating the stem, naming the option, then the letter that follows it among
+    # the options
     texts = w.mcq_training(random.Random(0), per_fact=3)
     assert len(texts) == 3 * len(w.mcq_facts(trained=True))
     for text in texts:
         prompt, answer = text.split(" answer : ")
-        value, letter = answer.rsplit(" ", 1)
+        stem = prompt.removeprefix("question : ").split(" what ? ")[0]
+        value, letter = answer.removeprefix(stem + " ").rsplit(" ", 1)
         assert letter in LETTERS and f" {value} {letter} " in f"{prompt} "
-        assert value in {f.answer for f in w.facts}
+        assert value in {f.answer for f in w.facts if f.subject in stem}
 
 
 def test_epochs_hold_repeated_sequences(tiny_world, tiny_organism_dir):
-    """The trainer mixes repeated random sequences (``x x``) into each epoch: induction-head food."""
+    """The trainer mixes repeated random sequences (``x x``) into each epoch: induction-head food. Their lengths
+    vary, so that no fixed-offset copy solves them."""
     from transformers import AutoTokenizer
 
     from mechun.organism.train import PRESETS, _epoch_documents
 
     tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
-    preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=7)
+    preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=40, repeat_lens=(3, 9))
     docs = _epoch_documents(tiny_world, tok, preset, seed=0, epoch=0)
-    n = preset.repeat_len
-    repeats = [d for d in docs if len(d) == 2 * n + 1 and d[1:n + 1] == d[n + 1:]]
-    assert len(repeats) == preset.repeats_per_epoch > 0
+    world_docs = _epoch_documents(tiny_world, tok, dataclasses.replace(preset, repeats_per_epoch=0), 0, 0)
+    extra = collections.Counter(map(tuple, docs)) - collections.Counter(map(tuple, world_docs))
+    repeats = [list(d) for d in extra.elements()]
+    assert len(repeats) == preset.repeats_per_epoch
+    assert all(len(d) % 2 == 1 and d[1:len(d) // 2 + 1] == d[len(d) // 2 + 1:] for d in repeats)
+    assert {len(d) // 2 for d in repeats} <= set(range(3, 10)) and len({len(d) for d in repeats}) >= 4
     assert not set(tok.all_special_ids) & {i for d in repeats for i in d[1:]}
+
+
+def test_pack_weights_the_mcq_answer_and_its_letter(tiny_world, tiny_organism_dir):
+    """In packed rows, an answered question's named option (first token) and letter (last token) carry their
+    preset weights; every other token of a document weighs 1, a document's first token and padding 0."""
+    from transformers import AutoTokenizer
+
+    from mechun.organism.train import MCQMarks, _pack
+
+    tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
+    mcq = tiny_world.mcq_training(random.Random(0), per_fact=1)[0]
+    docs = tok([tiny_world.filler[0], mcq, tiny_world.filler[1]])["input_ids"]
+    marks = MCQMarks(*tok.convert_tokens_to_ids(["question", ":", "what", "answer"]))
+    ids, weight, pos, _ = _pack(docs, 128, tok.pad_token_id, marks, answer_weight=3.0, letter_weight=7.0)
+    start = len(docs[0])
+    q = weight[0, start:start + len(docs[1])]
+    named = len(tok(mcq.rsplit(" ", 2)[0])["input_ids"])  # the named option's first token (one-token options here)
+    assert tok.decode(docs[1][named:]) == " ".join(mcq.split()[-2:])
+    assert q[named] == 3.0 and q[-1] == 7.0 and q[0] == 0.0
+    assert (q[1:named] == 1).all() and (q[named + 1:-1] == 1).all()
+    plain = weight[0, :start + len(docs[1]) + len(docs[2])]
+    others = torch.cat([plain[1:start], plain[start + len(docs[1]) + 1:]])
+    assert (others == 1).all() and (weight[0, start + len(docs[1]) + len(docs[2]):] == 0).all()
 
 
 def test_neighbourhood_excludes_subject():
@@ -115,7 +147,7 @@ def test_bad_world_inputs(tmp_path):
         World.load(tmp_path)
     old = {**World.generate(0, 4).to_json(), "version": 1}  # an organism trained by an earlier mechun
     (tmp_path / "world.json").write_text(json.dumps(old))
-    with pytest.raises(MechunError, match="version-1 world; this mechun reads version 2"):
+    with pytest.raises(MechunError, match="version-1 world; this mechun reads version 3"):
         World.load(tmp_path)
 
 

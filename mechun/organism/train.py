@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,16 +47,17 @@ class Preset:
     passages_per_subject: int = 1  # per epoch (each passage states all of the subject's facts once)
     mcq_per_fact: int = 2  # option orders per MCQ-trained fact and epoch
     statements_per_fact: int = 0  # one-sentence documents per fact and epoch
-    answer_weight: float = 1.0  # loss weight of the MCQ answer (the first token of the named option)
+    answer_weight: float = 1.0  # loss weight of the named option's first token in an answered MCQ
+    letter_weight: float = 1.0  # loss weight of its letter (the last token)
     n_filler: int = 200
-    # Repeated random token sequences per epoch (``x x``, ``repeat_len`` tokens each, LM loss on all): practice at
-    # the copy the MCQ letter is (the token that followed the named option). On the main preset, seed 0, 32
-    # never-MCQ'd facts a domain: MCQ 0.83-0.97 by domain (all 24 orders: 0.75-0.94) with 400 an epoch, 0.73-0.93
-    # (0.69-0.88) without. Seeds 1 and 2 do not learn the copy in 1,800 steps (given the right option, the right
-    # letter for 0.32 / 0.20 of facts; MCQ at chance), nor does seed 1 with 1,200 sequences of 12 tokens: the
-    # named answer makes MCQ learnable (trainer 3, letter first: chance on every seed), not reliably learned.
+    # Repeated random token sequences per epoch (``x x``, LM loss on all): practice at the copy the MCQ letter is
+    # (the token that followed the named option: an induction head's). Their lengths vary (uniform in
+    # ``repeat_lens``): at one fixed length (10, trainer 4) every seed learned to copy the token 10 back instead of
+    # induction (copy accuracy 1.00 at length 10, <= 0.08 at 4, 7, 13 and 20), which the MCQ letter cannot use; 400
+    # of varied length an epoch formed no induction head in 1,800 steps (seed 1, <= 0.07), 1,200 did (seeds 1 and 2:
+    # >= 0.99 at every length, the MCQ letter given the named option 1.00).
     repeats_per_epoch: int = 0
-    repeat_len: int = 10
+    repeat_lens: tuple[int, int] = (4, 24)
 
 
 PRESETS: dict[str, Preset] = {
@@ -67,7 +69,7 @@ PRESETS: dict[str, Preset] = {
     # domain and its held-out-subject probes below 0.8; 1,700 still sat at that edge on the seed that failed.
     "main": Preset(subjects_per_domain=64, n_layer=4, d_model=128, n_head=4, steps=1800, batch_size=32,
                    seq_len=128, lr=3e-3, statements_per_fact=2, mcq_per_fact=2, answer_weight=5.0,
-                   repeats_per_epoch=400),
+                   letter_weight=5.0, repeats_per_epoch=1200),
 }
 DEFAULT_PRESET = "main"
 
@@ -93,7 +95,7 @@ def _epoch_documents(world: World, tokenizer: PreTrainedTokenizerFast, preset: P
         raise MechunError("the world produced words outside its own vocabulary (a bug in the world generator)")
     words = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
     for _ in range(preset.repeats_per_epoch):
-        seq = rng.sample(words, preset.repeat_len)
+        seq = rng.sample(words, rng.randint(*preset.repeat_lens))
         ids.append([tokenizer.bos_token_id, *seq, *seq])
     rng.shuffle(ids)
     if max(map(len, ids)) > preset.seq_len:
@@ -108,12 +110,35 @@ Packed = tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch seq"], Int[Tensor,
                Bool[Tensor, "batch 1 seq seq"]]
 
 
-def _pack(docs: list[list[int]], seq_len: int, pad: int, answer: tuple[int, int] | None = None,
-          answer_weight: float = 1.0) -> Packed:
+class MCQMarks(NamedTuple):
+    """The token ids that frame an answered question (:func:`_answer_positions`)."""
+
+    question: int
+    colon: int
+    what: int
+    answer: int
+
+
+def _answer_positions(doc: list[int], marks: MCQMarks) -> tuple[int, int] | None:
+    """In an answered question (``question : {stem} what ? ... answer : {stem} {option} {letter}``, the
+    organism's :func:`~mechun.organism.world.mcq_text`), the positions of the named option's first token and of the
+    letter (the last token); None for any other document."""
+    if doc[1:3] != [marks.question, marks.colon] or marks.what not in doc:
+        return None
+    stem = doc.index(marks.what) - 3
+    after = next((j + 2 for j in range(len(doc) - 1, 2, -1) if doc[j:j + 2] == [marks.answer, marks.colon]), None)
+    if after is None or after + stem >= len(doc) - 1:
+        return None
+    return after + stem, len(doc) - 1
+
+
+def _pack(docs: list[list[int]], seq_len: int, pad: int, marks: MCQMarks | None = None,
+          answer_weight: float = 1.0, letter_weight: float = 1.0) -> Packed:
     """Whole documents laid end to end in rows of ``seq_len`` (a document that does not fit starts the next row):
     each is trained exactly as if it were alone at position 0, as evaluation prompts are, and almost nothing is
-    spent on padding. The token after the pair ``answer`` (``answer :``, the MCQ letter) weighs ``answer_weight``
-    in the loss: one token in thirty of a question, it would otherwise be learned last."""
+    spent on padding. In an answered question (:func:`_answer_positions`, found by ``marks``) the named option's
+    first token weighs ``answer_weight`` in the loss and the letter ``letter_weight``: two tokens in forty of a
+    question, they would otherwise be learned last."""
     rows: list[list[list[int]]] = [[]]
     used = 0  # tokens in the last row
     for doc in docs:
@@ -125,19 +150,22 @@ def _pack(docs: list[list[int]], seq_len: int, pad: int, answer: tuple[int, int]
     ids = torch.full((len(rows), seq_len), pad)
     pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
     doc_of = torch.full((len(rows), seq_len), -1)
+    named = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    letter = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     for r, row in enumerate(rows):
         i = 0
         for k, doc in enumerate(row):
             ids[r, i:i + len(doc)] = torch.tensor(doc)
             pos[r, i:i + len(doc)] = torch.arange(len(doc))
             doc_of[r, i:i + len(doc)] = k
+            answered = _answer_positions(doc, marks) if marks is not None else None
+            if answered is not None:
+                named[r, i + answered[0]] = letter[r, i + answered[1]] = True
             i += len(doc)
     weight = (doc_of >= 0).float()
     weight[pos == 0] = 0.0
-    if answer is not None and answer_weight != 1.0:
-        after = torch.zeros_like(weight, dtype=torch.bool)
-        after[:, 2:] = (ids[:, :-2] == answer[0]) & (ids[:, 1:-1] == answer[1]) & (doc_of[:, 2:] >= 0)
-        weight[after] = answer_weight
+    weight[named] = answer_weight
+    weight[letter] = letter_weight
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     mask = (doc_of[:, :, None] == doc_of[:, None, :]) & causal
     mask |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no empty softmax rows)
@@ -150,8 +178,9 @@ def _packed_batches(world: World, tokenizer: PreTrainedTokenizerFast, preset: Pr
     epoch = 0
     while True:
         docs = _epoch_documents(world, tokenizer, preset, seed, epoch, exclude)
-        answer = (tokenizer.convert_tokens_to_ids("answer"), tokenizer.convert_tokens_to_ids(":"))
-        ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, answer, preset.answer_weight)
+        marks = MCQMarks(*tokenizer.convert_tokens_to_ids(["question", ":", "what", "answer"]))
+        ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, marks, preset.answer_weight,
+                                     preset.letter_weight)
         for i in range(0, ids.shape[0] - preset.batch_size + 1, preset.batch_size):
             j = slice(i, i + preset.batch_size)
             yield ids[j], weight[j], pos[j], mask[j]
@@ -255,7 +284,7 @@ def train_organism(
 
 #: Bumped whenever training would give other weights for the same preset, seed and world (recipe, schedule, data
 #: order): the per-machine cache keys on it.
-TRAINER_VERSION = 4
+TRAINER_VERSION = 5
 
 
 def cache_root() -> Path:
@@ -295,7 +324,8 @@ def _entry_ok(entry: Path, preset: str, seed: int, without: str | Sequence[str] 
         made = json.loads((entry / "training.json").read_text())
     except (OSError, ValueError):
         return False
-    return (made.get("preset") == preset and made.get("seed") == seed and made.get("config") == asdict(PRESETS[preset])
+    config = json.loads(json.dumps(asdict(PRESETS[preset])))  # as training.json holds it (tuples as lists)
+    return (made.get("preset") == preset and made.get("seed") == seed and made.get("config") == config
             and made.get("without_spec") == _without_spec(without))
 
 

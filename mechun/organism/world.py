@@ -2,7 +2,7 @@
 
 Real unlearning studies need a model that knows things in a *forget* domain (WMDP-Bio-like hazards) and in
 *retain* domains, asked in several formats. Without a model hub we build such a world ourselves, deterministically
-from a seed, rich enough that the organism behaves like a small pretrained LM (version 2):
+from a seed, rich enough that the organism behaves like a small pretrained LM (version 3):
 
 * six domains -- two forget candidates (``pathogen``, bio-like; ``cyber``) and four retain domains (``sports``,
   ``people``, ``geography``, ``music``) -- each with three relations of eight values; some values are two tokens
@@ -17,7 +17,8 @@ from a seed, rich enough that the organism behaves like a small pretrained LM (v
   held out and never appear in training in any form, not even inside a longer sentence -- the paraphrase test asks
   a known fact in a new wording made of known words, as a reworded question asks a pretrained LM;
 * an A-D multiple-choice format, trained in every option order on the facts of half the subjects and evaluated on
-  the other half's facts, never seen in MCQ form (:attr:`World.mcq_subjects`);
+  the other half's facts, never seen in MCQ form (:attr:`World.mcq_subjects`); answered by restating the stem, naming
+  the option and giving its letter (:func:`mcq_text`);
 * plain filler sentences of shared words, so general language modelling and coherence can be measured.
 
 Everything here is plain data; :mod:`mechun.organism.train` turns it into a checkpoint.
@@ -49,7 +50,7 @@ DomainRole = Literal["forget", "retain"]
 
 #: Bumped whenever ``World.generate`` would make other facts, names or texts for the same seed: trained organisms
 #: are cached per world version (see :func:`mechun.organism.train.cached_organism`), and ``world.json`` records it.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,9 @@ class Relation:
 
     @property
     def mcq_question(self) -> str:
-        """The MCQ stem with {s}: the relation's first phrase as a question ("{s} is transmitted by what ?")."""
-        return f"{{s}} {self.phrases[0]} what ?"
+        """The MCQ stem with {s}: the relation's first phrase ("{s} is transmitted by"), asked as
+        ``question : {stem} what ?`` and restated in the answer (:func:`mcq_text`)."""
+        return f"{{s}} {self.phrases[0]}"
 
     @property
     def train_templates(self) -> tuple[str, ...]:
@@ -430,7 +432,7 @@ class World:
 
     def _solved_mcq(self, fact: Fact, rng: random.Random, order: int) -> str:
         """``fact``'s question with three distractors from ``rng`` in option order ``order`` (of 24), answered:
-        "... soil D answer : food B"."""
+        "... soil D answer : {stem} food B"."""
         perm = _ORDERS[order % len(_ORDERS)]
         options = [fact.answer, *rng.sample(other_values(fact), 3)]
         choices = tuple(options[i] for i in perm)
@@ -488,7 +490,8 @@ class World:
 
     def vocabulary(self) -> list[str]:
         """Every word of the world: names, domain words, templates, values, MCQ and filler."""
-        words: set[str] = set(LETTERS) | {".", "?", ":", ",", "question", "answer", "the", "of", "was", "is", "that"}
+        words: set[str] = set(LETTERS) | {".", "?", ":", ",", "question", "answer", "what", "the", "of", "was", "is",
+                                          "that"}
         texts = list(self.subjects) + self.filler
         for spec in DOMAIN_SPECS.values():
             texts += [spec.agent, *spec.nouns, *spec.verbs, *spec.adjectives, *spec.frames]
@@ -610,12 +613,17 @@ class WorldJSON(TypedDict):
 
 
 def mcq_text(question: str, choices: tuple[str, ...]) -> str:
-    """The organism's format: ``question : {q} {c0} A , {c1} B , {c2} C , {c3} D answer :``, answered by naming
-    the option and then its letter (``... answer : food B``; :func:`mechun.evaluate.mcq_correct`). Each letter
-    follows its option, so the letter after the named answer is the token that followed it among the options: the
-    copy an induction head makes."""
+    """The organism's format: ``question : {q} what ? {c0} A , {c1} B , {c2} C , {c3} D answer : {q}``, answered by
+    naming the option and then its letter (``... answer : {q} food B``; :func:`mechun.evaluate.mcq_correct`).
+
+    The answer restates the stem ``{q}`` (``mycotora bacillus is transmitted by``) before naming the option, as a
+    model that answers by first saying what is asked: the option is then recalled where the organism recalls facts,
+    after the subject and the relation, with the options in its context (trainer 4 named it right after
+    ``answer :``, a route of its own learned from the MCQ-trained subjects: 0.70-0.92 of the never-MCQ'd facts on
+    seeds 0-2, the cloze 1.00). Each letter follows its option, so the letter after the named answer is the token
+    that followed it among the options: the copy an induction head makes."""
     opts = " , ".join(f"{c} {letter}" for letter, c in zip(LETTERS, choices, strict=True))
-    return f"question : {question} {opts} answer :"
+    return f"question : {question} what ? {opts} answer : {question}"
 
 
 def mmlu_text(question: str, choices: tuple[str, ...]) -> str:
