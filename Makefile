@@ -61,10 +61,10 @@ notebooks: $(LAB_STAMP)
 	$(PY) notebooks/execute.py
 
 # Every analysis in full on the main organism (seed 0), and the organism report for organism seeds 0-2, each into
-# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. 73 min on
-# a 2-core machine from a cold cache (trainer 4: 47 min for the analyses with the organism cached, 6.5 of them
-# training the retain oracle; 17 min for the organism reports, 14 of them training seeds 1 and 2; 7.5 min for the
-# organism itself), about twice that on a slower one.
+# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. 78 min on
+# a 2-core machine from a cold cache (trainer 5: 60 min for the analyses, 6.5 of them training the organism and 7.3
+# the retain oracle; 18.5 min for the organism reports, 15.5 of them training seeds 1 and 2), about twice
+# that on a slower one.
 RESULTS ?= runs/results
 ANALYSES := rmu-shallow localized-editing sae-unlearning depth edit-specificity restore depth-benchmark
 results: $(STAMP)
