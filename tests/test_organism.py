@@ -224,8 +224,9 @@ def test_cached_organism_is_trained_once_and_a_damaged_entry_is_retrained(tmp_pa
 
 def test_organism_train_copies_the_cached_organism(tiny_organism_dir):
     """The session's organism came from `mechun organism train`: a copy of the per-machine cache entry."""
-    from mechun.organism.train import cache_root
+    from mechun.organism.train import _entry
 
-    entry = next(p for p in (cache_root() / "organisms").glob(f"tiny-seed{TINY_SEED}-*") if p.is_dir())  # not .lock
+    entry = _entry("tiny", TINY_SEED)  # not a glob: the retain oracles' entries (tiny-seed0-without-...) match one
+    assert entry.is_dir()
     for f in ("model.safetensors", "world.json", "training.json", "tokenizer.json"):
         assert (tiny_organism_dir / f).read_bytes() == (entry / f).read_bytes()
