@@ -230,3 +230,17 @@ def test_organism_train_copies_the_cached_organism(tiny_organism_dir):
     assert entry.is_dir()
     for f in ("model.safetensors", "world.json", "training.json", "tokenizer.json"):
         assert (tiny_organism_dir / f).read_bytes() == (entry / f).read_bytes()
+
+
+def test_bad_preset_is_refused_before_anything_is_written(tmp_path):
+    """A preset whose repeats cannot be drawn or packed, or with a non-positive weight, fails in one line at
+    construction: train_organism never starts and writes nothing."""
+    from mechun.organism.train import PRESETS
+
+    with pytest.raises(MechunError, match=r"repeat_lens=\(10, 5\) must be"):
+        dataclasses.replace(PRESETS["tiny"], repeat_lens=(10, 5))
+    with pytest.raises(MechunError, match="repeat_lens=.*seq_len=64"):
+        dataclasses.replace(PRESETS["tiny"], repeat_lens=(4, 40))
+    with pytest.raises(MechunError, match="letter_weight=-1.0 must be positive"):
+        dataclasses.replace(PRESETS["main"], letter_weight=-1.0)
+    assert list(tmp_path.iterdir()) == []

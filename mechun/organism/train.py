@@ -59,6 +59,16 @@ class Preset:
     repeats_per_epoch: int = 0
     repeat_lens: tuple[int, int] = (4, 24)
 
+    def __post_init__(self) -> None:
+        """Refuse, in one line and before any training, a recipe that would fail or mislead mid-run."""
+        lo, hi = self.repeat_lens
+        if not 1 <= lo <= hi or 2 * hi + 1 > self.seq_len:
+            raise MechunError(f"repeat_lens={self.repeat_lens} must be (shortest, longest) with 1 <= shortest <= "
+                              f"longest and 2 x longest + 1 <= seq_len={self.seq_len}")
+        for name in ("answer_weight", "letter_weight", "lr"):
+            if not getattr(self, name) > 0:
+                raise MechunError(f"{name}={getattr(self, name)} must be positive")
+
 
 PRESETS: dict[str, Preset] = {
     # Tests: about 35 s on 2 cores; 6 subjects per domain (450 steps, 29 s, left one domain of one seed at 0.94).
@@ -176,9 +186,9 @@ def _packed_batches(world: World, tokenizer: PreTrainedTokenizerFast, preset: Pr
                     exclude: frozenset[str] = frozenset()) -> Iterator[Packed]:
     """Batches of ``batch_size`` packed rows (:func:`_pack`), epoch after epoch, forever."""
     epoch = 0
+    marks = MCQMarks(*tokenizer.convert_tokens_to_ids(["question", ":", "what", "answer"]))
     while True:
         docs = _epoch_documents(world, tokenizer, preset, seed, epoch, exclude)
-        marks = MCQMarks(*tokenizer.convert_tokens_to_ids(["question", ":", "what", "answer"]))
         ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, marks, preset.answer_weight,
                                      preset.letter_weight)
         for i in range(0, ids.shape[0] - preset.batch_size + 1, preset.batch_size):
