@@ -105,6 +105,32 @@ def test_epochs_hold_repeated_sequences(tiny_world, tiny_organism_dir):
     assert not set(tok.all_special_ids) & {i for d in repeats for i in d[1:]}
 
 
+def test_repeats_follow_their_schedule_and_can_avoid_fact_words(tiny_world, tiny_organism_dir):
+    """``repeat_epochs`` epochs carry ``repeats_per_epoch`` repeats, later ones ``repeats_after``; with
+    ``repeats_avoid_facts`` no repeat holds a word of a subject's name or of a value (words that do occur otherwise)."""
+    from transformers import AutoTokenizer
+
+    from mechun.organism.train import PRESETS, _epoch_documents
+    from mechun.organism.world import RELATIONS
+
+    tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
+    preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=40, repeat_epochs=2, repeats_after=7)
+    avoiding = dataclasses.replace(preset, repeats_avoid_facts=True)
+
+    def repeats(p, epoch):
+        world_docs = _epoch_documents(tiny_world, tok, dataclasses.replace(p, repeats_per_epoch=0, repeats_after=0),
+                                      0, epoch)
+        extra = collections.Counter(map(tuple, _epoch_documents(tiny_world, tok, p, 0, epoch)))
+        return list((extra - collections.Counter(map(tuple, world_docs))).elements())
+
+    assert [len(repeats(preset, e)) for e in (0, 1, 2, 5)] == [40, 40, 7, 7]
+    names_and_values = [*tiny_world.subjects, *(v for rel in RELATIONS for v in rel.values)]
+    fact_ids = set(tok.convert_tokens_to_ids([w for t in names_and_values for w in t.split()]))
+    drawn = [{i for d in repeats(p, 0) for i in d[1:]} for p in (preset, avoiding)]
+    assert drawn[0] & fact_ids and not drawn[1] & fact_ids
+    assert len(drawn[1]) > 20  # still random sequences, over the words left
+
+
 def test_pack_weights_the_mcq_answer_and_its_letter(tiny_world, tiny_organism_dir):
     """In packed rows, an answered question's named option (first token) and letter (last token) carry their
     preset weights; every other token of a document weighs 1, a document's first token and padding 0."""
@@ -243,4 +269,6 @@ def test_bad_preset_is_refused_before_anything_is_written(tmp_path):
         dataclasses.replace(PRESETS["tiny"], repeat_lens=(4, 40))
     with pytest.raises(MechunError, match="letter_weight=-1.0 must be positive"):
         dataclasses.replace(PRESETS["main"], letter_weight=-1.0)
+    with pytest.raises(MechunError, match="repeats_after=-1 must not be negative"):
+        dataclasses.replace(PRESETS["main"], repeats_after=-1)
     assert list(tmp_path.iterdir()) == []
