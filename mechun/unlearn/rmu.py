@@ -105,7 +105,8 @@ def main_setting(n_layers: int, forget: Sequence[str] = ("pathogen",), quick: bo
     retain 0.997 (base 1.000); 250 steps 0.024, 0.998; c = 10x 0.000, 0.979. And on the trainer-v4 organism: 150 steps
     forget 0.032 (0.00 / 0.06 / 0.04), retain 0.999 (base 1.000); 250 steps 0.023, 0.999; c = 10x 0.014, 0.995.
     And on trainer v5: 150 steps forget 0.004 (0.00 / 0.01 / 0.00), retain 0.985 (base 0.999); 250 steps 0.000,
-    0.990; c = 10x 0.000, 0.963."""
+    0.990; c = 10x 0.000, 0.963. And on trainer v6: 150 steps forget 0.014 (0.00 / 0.03 / 0.01), retain 1.000
+    (base 1.000); 250 steps 0.003, 1.000; c = 10x 0.000, 0.996."""
     return RMUConfig(list(forget), layer=max(1, n_layers // 2 - 1), steps=120 if quick else 150, alpha=100.0,
                      lr=1e-3, auto_coeff_mult=5.0, batch_size=16)
 
