@@ -252,7 +252,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     world = _world(args, args.model)
     model = load_model(args.model, **_load_kwargs(args))
     world.check_model(model)
-    acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None, all_orders=True)
+    acc = evaluate_world(model, world, domains=args.domains.split(",") if args.domains else None, all_orders=True,
+                         progress=True)
     if args.json:
         print(json.dumps({"model": args.model, "accuracy": acc}))
         return 0

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -215,6 +216,7 @@ def test_acceptance_tiny_organism_knows_its_facts(tiny_organism_dir):
     """`mechun organism train --preset tiny --seed 123 --out D && mechun eval --model D --json`."""
     proc = run_cli("eval", "--model", str(tiny_organism_dir), "--json")
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    assert re.search(rf"evaluating: 100%.*\b{len(DOMAINS)}/{len(DOMAINS)} ", proc.stderr)  # a bar, on stderr
     assert result["model"] == str(tiny_organism_dir)
     assert set(result["accuracy"]) == set(DOMAINS)
     for domain, acc in result["accuracy"].items():
