@@ -61,10 +61,10 @@ notebooks: $(LAB_STAMP)
 	$(PY) notebooks/execute.py
 
 # Every analysis in full on the main organism (seed 0), and the organism report for organism seeds 0-2, each into
-# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. 78 min on
-# a 2-core machine from a cold cache (trainer 5: 60 min for the analyses, 6.5 of them training the organism and 7.3
-# the retain oracle; 18.5 min for the organism reports, 15.5 of them training seeds 1 and 2), about twice
-# that on a slower one.
+# $(RESULTS)/NAME, printing each one's time (no file of its own there): what the README's numbers come from. Trainer 6
+# on a 2-core machine: 64 min with the organisms of seeds 0-2 cached (59 min for the analyses, 10 of them training
+# the retain oracle; 5 min for the organism reports); from a cold cache add about 10 min per organism (30 min);
+# about twice that on a slower machine.
 RESULTS ?= runs/results
 ANALYSES := rmu-shallow localized-editing sae-unlearning depth edit-specificity restore depth-benchmark
 results: $(STAMP)
