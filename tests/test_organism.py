@@ -92,12 +92,13 @@ def test_epochs_hold_repeated_sequences(tiny_world, tiny_organism_dir):
     vary, so that no fixed-offset copy solves them."""
     from transformers import AutoTokenizer
 
-    from mechun.organism.train import PRESETS, _epoch_documents
+    from mechun.organism.train import PRESETS, _epoch_documents, _repeat_words
 
     tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
     preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=40, repeat_lens=(3, 9))
-    docs = _epoch_documents(tiny_world, tok, preset, seed=0, epoch=0)
-    world_docs = _epoch_documents(tiny_world, tok, dataclasses.replace(preset, repeats_per_epoch=0), 0, 0)
+    words = _repeat_words(tiny_world, tok, preset)
+    docs = _epoch_documents(tiny_world, tok, preset, 0, 0, words)
+    world_docs = _epoch_documents(tiny_world, tok, dataclasses.replace(preset, repeats_per_epoch=0), 0, 0, words)
     extra = collections.Counter(map(tuple, docs)) - collections.Counter(map(tuple, world_docs))
     repeats = [list(d) for d in extra.elements()]
     assert len(repeats) == preset.repeats_per_epoch
@@ -111,22 +112,23 @@ def test_repeats_follow_their_schedule_and_can_avoid_fact_words(tiny_world, tiny
     ``repeats_avoid_facts`` no repeat holds a word of a subject's name or of a value (words that do occur otherwise)."""
     from transformers import AutoTokenizer
 
-    from mechun.organism.train import PRESETS, _epoch_documents
-    from mechun.organism.world import RELATIONS
+    from mechun.organism.train import PRESETS, _epoch_documents, _repeat_words
 
     tok = AutoTokenizer.from_pretrained(tiny_organism_dir)
     preset = dataclasses.replace(PRESETS["tiny"], repeats_per_epoch=40, repeat_epochs=2, repeats_after=7)
     avoiding = dataclasses.replace(preset, repeats_avoid_facts=True)
 
     def repeats(p, epoch):
+        words = _repeat_words(tiny_world, tok, p)
         world_docs = _epoch_documents(tiny_world, tok, dataclasses.replace(p, repeats_per_epoch=0, repeats_after=0),
-                                      0, epoch)
-        extra = collections.Counter(map(tuple, _epoch_documents(tiny_world, tok, p, 0, epoch)))
+                                      0, epoch, words)
+        extra = collections.Counter(map(tuple, _epoch_documents(tiny_world, tok, p, 0, epoch, words)))
         return list((extra - collections.Counter(map(tuple, world_docs))).elements())
 
     assert [len(repeats(preset, e)) for e in (0, 1, 2, 5)] == [40, 40, 7, 7]
-    names_and_values = [*tiny_world.subjects, *(v for rel in RELATIONS for v in rel.values)]
-    fact_ids = set(tok.convert_tokens_to_ids([w for t in names_and_values for w in t.split()]))
+    fact_words = tiny_world.name_and_value_words()
+    assert {next(iter(tiny_world.subjects)).split()[0], "fever"} <= fact_words  # a name's word, a value's word
+    fact_ids = set(tok.convert_tokens_to_ids(sorted(fact_words)))
     drawn = [{i for d in repeats(p, 0) for i in d[1:]} for p in (preset, avoiding)]
     assert drawn[0] & fact_ids and not drawn[1] & fact_ids
     assert len(drawn[1]) > 20  # still random sequences, over the words left
@@ -273,4 +275,18 @@ def test_bad_preset_is_refused_before_anything_is_written(tmp_path):
         dataclasses.replace(PRESETS["main"], letter_weight=-1.0)
     with pytest.raises(MechunError, match="repeats_after=-1 must not be negative"):
         dataclasses.replace(PRESETS["main"], repeats_after=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_repeats_longer_than_their_words_are_refused_before_training(tmp_path, monkeypatch):
+    """Repeats draw distinct words: a ``repeat_lens`` beyond the words allowed (fact-free ones here) fails in one
+    line before any model is built, and nothing is written."""
+    import mechun.organism.train as train
+
+    monkeypatch.setattr(train, "_build_model", lambda *a: pytest.fail("a model was built"))
+    bad = dataclasses.replace(train.PRESETS["tiny"], seq_len=1024, repeat_lens=(4, 400), repeats_per_epoch=10,
+                              repeats_avoid_facts=True)
+    with pytest.raises(MechunError, match=r"repeat_lens=\(4, 400\) draws up to 400 distinct words, but only \d+ "
+                                          r"are allowed in repeats \(repeats_avoid_facts=True\); lower repeat_lens"):
+        train.train_organism(tmp_path / "organism", preset=bad, seed=0, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from mechun.errors import MechunError, OutputError
 from mechun.io import atomic_dir, check_out_dir
 from mechun.organism.tokenizer import build_tokenizer
-from mechun.organism.world import RELATIONS, WORLD_VERSION, Fact, World
+from mechun.organism.world import WORLD_VERSION, Fact, World
 from mechun.progress import progress_bar, quiet_dependencies
 
 
@@ -88,8 +88,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(subjects_per_domain=6, n_layer=3, d_model=64, n_head=4, steps=560, batch_size=16, seq_len=64,
                    lr=8e-3, statements_per_fact=4, mcq_per_fact=1, n_filler=30),
     # The main organism: 6 domains x 64 subjects x 3 relations (1,152 facts); trained once per machine (cached).
-    # 2,400 steps (about 10.5 min on 2 cores here): trainer 5's 1,800 left 9 of 18 probes below 0.8 on seed 0, 2,400
-    # 5 (with repeats of every word throughout, see above). 34 epochs of 1,200 repeats are the first ~1,000 steps.
+    # 2,400 steps (627 s on 2 cores here): trainer 5's 1,800 left 9 of 18 probes below 0.8 on seed 0 and 2,400 left 5
+    # (with repeats of every word throughout, see above). 34 epochs of 1,200 repeats are the first ~1,000 steps.
     "main": Preset(subjects_per_domain=64, n_layer=4, d_model=128, n_head=4, steps=2400, batch_size=32,
                    seq_len=128, lr=3e-3, statements_per_fact=2, mcq_per_fact=2, answer_weight=5.0,
                    letter_weight=5.0, repeats_per_epoch=1200, repeat_epochs=34, repeats_after=300,
@@ -107,22 +107,33 @@ def _resolve_preset(preset: str | Preset) -> tuple[str, Preset]:
     return "custom", preset
 
 
+def _repeat_words(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset) -> list[int]:
+    """The token ids repeated random sequences are drawn from: every word (no special token), or with
+    ``repeats_avoid_facts`` those of no subject's name and no value (:meth:`World.name_and_value_words`). Refuses,
+    in one line, a ``repeat_lens`` longer than the words there are to draw without repetition."""
+    special = set(tokenizer.all_special_ids)
+    words = [i for i in range(len(tokenizer)) if i not in special]
+    if preset.repeats_avoid_facts:
+        avoid = set(tokenizer.convert_tokens_to_ids(sorted(world.name_and_value_words())))
+        words = [i for i in words if i not in avoid]
+    if (preset.repeats_per_epoch or preset.repeats_after) and preset.repeat_lens[1] > len(words):
+        raise MechunError(f"repeat_lens={preset.repeat_lens} draws up to {preset.repeat_lens[1]} distinct words, but "
+                          f"only {len(words)} are allowed in repeats"
+                          f"{' (repeats_avoid_facts=True)' if preset.repeats_avoid_facts else ''}; lower repeat_lens")
+    return words
+
+
 def _epoch_documents(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int, epoch: int,
-                     exclude: frozenset[str] = frozenset()) -> list[list[int]]:
+                     words: Sequence[int], exclude: frozenset[str] = frozenset()) -> list[list[int]]:
     """One epoch of the world's documents (:meth:`World.documents`, none naming a subject in ``exclude``) and the
-    epoch's repeated random sequences (:class:`Preset`), in a shuffled order, tokenised (each starts with
-    ``<bos>``)."""
+    epoch's repeated random sequences (:class:`Preset`) of ``words`` (:func:`_repeat_words`), in a shuffled order,
+    tokenised (each starts with ``<bos>``)."""
     rng = random.Random(f"epoch-{seed}-{epoch}")
     docs = world.documents(rng, preset.passages_per_subject, preset.mcq_per_fact, preset.n_filler, epoch,
                            preset.statements_per_fact, exclude)
     ids = tokenizer(docs)["input_ids"]
     if any(tokenizer.unk_token_id in doc for doc in ids):
         raise MechunError("the world produced words outside its own vocabulary (a bug in the world generator)")
-    words = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
-    if preset.repeats_avoid_facts:
-        names_and_values = [*world.subjects, *(v for rel in RELATIONS for v in rel.values)]
-        avoid = set(tokenizer.convert_tokens_to_ids(sorted({w for t in names_and_values for w in t.split()})))
-        words = [i for i in words if i not in avoid]
     late = preset.repeat_epochs is not None and epoch >= preset.repeat_epochs
     for _ in range(preset.repeats_after if late else preset.repeats_per_epoch):
         seq = rng.sample(words, rng.randint(*preset.repeat_lens))
@@ -203,12 +214,12 @@ def _pack(docs: list[list[int]], seq_len: int, pad: int, marks: MCQMarks | None 
 
 
 def _packed_batches(world: World, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
-                    exclude: frozenset[str] = frozenset()) -> Iterator[Packed]:
+                    words: Sequence[int], exclude: frozenset[str] = frozenset()) -> Iterator[Packed]:
     """Batches of ``batch_size`` packed rows (:func:`_pack`), epoch after epoch, forever."""
     epoch = 0
     marks = MCQMarks(*tokenizer.convert_tokens_to_ids(["question", ":", "what", "answer"]))
     while True:
-        docs = _epoch_documents(world, tokenizer, preset, seed, epoch, exclude)
+        docs = _epoch_documents(world, tokenizer, preset, seed, epoch, words, exclude)
         ids, weight, pos, mask = _pack(docs, preset.seq_len, tokenizer.pad_token_id, marks, preset.answer_weight,
                                      preset.letter_weight)
         for i in range(0, ids.shape[0] - preset.batch_size + 1, preset.batch_size):
@@ -291,10 +302,11 @@ def train_organism(
     world = World.generate(seed, preset.subjects_per_domain, n_filler=preset.n_filler)
     exclude = world.excluded_subjects(without) if without is not None else frozenset()
     tokenizer = build_tokenizer(world.vocabulary())
+    words = _repeat_words(world, tokenizer, preset)  # refuses impossible repeats before any training
     model = _build_model(tokenizer, preset)
     t0 = time.time()
     what = f"{name}, seed {seed}" + (f", without {_without_label(without)}" if exclude else "")
-    losses = _fit(model, _packed_batches(world, tokenizer, preset, seed, exclude), preset, steps,
+    losses = _fit(model, _packed_batches(world, tokenizer, preset, seed, words, exclude), preset, steps,
                   f"training {'retain oracle' if exclude else 'organism'} ({what})", progress)
 
     with atomic_dir(out, "organism", overwrite) as tmp, quiet_dependencies():

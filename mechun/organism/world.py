@@ -488,6 +488,11 @@ class World:
         retain = [t for s, d in self.subjects.items() if d not in forget for t in passages[s]] + self.filler
         return forget_texts, retain
 
+    def name_and_value_words(self) -> set[str]:
+        """Every word of a subject's name or of a relation's value: the words that carry the world's facts."""
+        texts = [*self.subjects, *(v for rel in RELATIONS for v in rel.values)]
+        return {w for t in texts for w in t.split()}
+
     def vocabulary(self) -> list[str]:
         """Every word of the world: names, domain words, templates, values, MCQ and filler."""
         words: set[str] = set(LETTERS) | {".", "?", ":", ",", "question", "answer", "what", "the", "of", "was", "is",
